@@ -1,0 +1,696 @@
+"""Multimodal LAPO: ResNet18 image encoders + joint MLP + fusion, then LAPO on the fused feature.
+
+LAPO (Chen et al., NeurIPS 2022) learns an advantage-weighted CVAE of the behaviour
+policy and a latent policy that picks, through the CVAE decoder, the mode of the data
+with the highest value. This file follows the original LAPO code (algos_vae.py there)
+line by line on top of an observation encoder; ``MultimodalBC`` is the behaviour-cloning
+baseline with the same encoder and data path.
+
+How the shared encoder is trained (the one place it is decided: ``_train_step``):
+  * the critic loss and the CVAE loss reach the encoder; the latent actor sees detached
+    features, so maximising Q cannot reshape the features the critic judges it by;
+  * there is no target encoder: next observations are encoded by the current encoder
+    without gradient (as in DrQ-v2), the target heads give the targets their stability;
+  * the heads' losses meet the encoder at one feature tensor, and a single backward pass
+    carries their summed gradient through the three ResNet18 trunks, so a training step
+    costs one forward+backward of the trunks on the batch plus one forward on the next
+    observations: the least any correct design must do.
+"""
+import copy
+import os
+import random
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from algos.utils_multimodal import IMAGE_KEYS, Normalization
+
+CHECKPOINT_FORMAT = 1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LOSS_CHECK_EVERY = 100   # steps between host reads of the per-step loss record
+
+
+class CheckpointError(Exception):
+    """A checkpoint file that cannot be used (missing, truncated, corrupt or mismatched)."""
+
+    def __init__(self, path, problem):
+        self.path = str(path)
+        super().__init__(f"{self.path}: {problem}")
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def mlp(in_dim, out_dim, hidden=(256, 256, 256)):
+    """Linear-ReLU stack: the one network block every head is built from."""
+    layers, width = [], in_dim
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, out_dim))
+    return nn.Sequential(*layers)
+
+
+def resnet18_trunk(image_feature_dim):
+    """torchvision ResNet18 with GroupNorm and a head of ``image_feature_dim``.
+
+    GroupNorm instead of BatchNorm: a sample's feature never depends on the rest of its
+    batch, so training and inference behave alike, one observation gives the same action
+    alone or inside a batch, and encoding next observations has no side effects.
+    """
+    return torchvision.models.resnet18(
+        num_classes=image_feature_dim, norm_layer=lambda c: nn.GroupNorm(max(1, c // 16), c))
+
+
+def load_pretrained_trunk(trunk, path):
+    """Load a local ImageNet ResNet18 state dict (torchvision layout) into a trunk.
+
+    BatchNorm's affine weights become the GroupNorm weights; running statistics and the
+    1000-class head are dropped (our head has ``image_feature_dim`` outputs).
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise CheckpointError(path, f"cannot read pretrained weights: {exc}") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(path, "pretrained weights must be a ResNet18 state dict")
+    state = {k: v for k, v in state.items()
+             if not k.startswith("fc.") and not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    own = trunk.state_dict()
+    wanted = [k for k in own if not k.startswith("fc.")]
+    missing = [k for k in wanted if k not in state]
+    wrong = [k for k in wanted if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or wrong:
+        raise CheckpointError(path, f"not a torchvision ResNet18 state dict (missing {missing[:3]}, "
+                                    f"wrong shape {wrong[:3]})")
+    trunk.load_state_dict({k: state[k] for k in wanted}, strict=False)
+
+
+class ObservationEncoder(nn.Module):
+    """Three images + joint vector -> ``obs_feature`` (the guide's diagram).
+
+    Each view has its own ResNet18 trunk -> ``image_feature_dim``; the joint vector
+    goes through a small MLP; a fusion MLP maps the concatenation to
+    ``obs_feature_dim``, ending in LayerNorm + tanh so the heads see bounded features.
+    """
+
+    def __init__(self, joint_dim, image_feature_dim=128, obs_feature_dim=256, joint_feature_dim=64,
+                 pretrained_weights=None):
+        super().__init__()
+        self.trunks = nn.ModuleList(resnet18_trunk(image_feature_dim) for _ in IMAGE_KEYS)
+        if pretrained_weights:
+            for trunk in self.trunks:
+                load_pretrained_trunk(trunk, pretrained_weights)
+        self.joint_net = mlp(joint_dim, joint_feature_dim, hidden=(128,))
+        self.fusion = nn.Sequential(
+            mlp(len(IMAGE_KEYS) * image_feature_dim + joint_feature_dim, obs_feature_dim, hidden=(512,)),
+            nn.LayerNorm(obs_feature_dim), nn.Tanh())
+        # uint8 -> ImageNet-normalised float in one multiply-add
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_scale", 1.0 / std, persistent=False)
+
+    def forward(self, images, joint):
+        """images: uint8 [B, 3 views, H, W, 3]; joint: normalised float [B, J]."""
+        feats = []
+        for v, trunk in enumerate(self.trunks):
+            # [B, H, W, 3] -> [B, 3, H, W] as a view: the memory stays channels_last
+            x = images[:, v].permute(0, 3, 1, 2).float()
+            feats.append(trunk((x - self.pixel_mean) * self.pixel_scale))
+        feats.append(self.joint_net(joint))
+        return self.fusion(torch.cat(feats, 1))
+
+
+class ActorVAE(nn.Module):
+    """CVAE of the behaviour policy: (feature, action) -> (mean, log_var); (feature, z) -> action."""
+
+    def __init__(self, feature_dim, action_dim, latent_dim, max_latent_action):
+        super().__init__()
+        self.encoder = mlp(feature_dim + action_dim, 2 * latent_dim)
+        self.decoder = mlp(feature_dim + latent_dim, action_dim)
+        self.latent_dim = latent_dim
+        self.max_latent_action = max_latent_action
+
+    def forward(self, feature, action):
+        mean, log_var = self.encoder(torch.cat([feature, action], 1)).chunk(2, dim=1)
+        log_var = log_var.clamp(-10, 10)   # exp() must stay finite
+        z = mean + torch.exp(log_var / 2) * torch.randn_like(mean)
+        return self.decode(feature, z), mean, log_var
+
+    def decode(self, feature, z=None):
+        if z is None:   # sampling the behaviour policy: clipped prior, as in BCQ/LAPO
+            z = torch.randn(feature.shape[0], self.latent_dim, device=feature.device).clamp(
+                -self.max_latent_action, self.max_latent_action)
+        return self.decoder(torch.cat([feature, z], 1))
+
+
+class LatentActor(nn.Module):
+    """Latent policy: feature -> z in [-max_latent_action, max_latent_action]."""
+
+    def __init__(self, feature_dim, latent_dim, max_latent_action):
+        super().__init__()
+        self.net = mlp(feature_dim, latent_dim)
+        self.max_latent_action = max_latent_action
+
+    def forward(self, feature):
+        return self.max_latent_action * torch.tanh(self.net(feature))
+
+
+class Critic(nn.Module):
+    """Twin Q(feature, action) and V(feature)."""
+
+    def __init__(self, feature_dim, action_dim):
+        super().__init__()
+        self.q1_net = mlp(feature_dim + action_dim, 1)
+        self.q2_net = mlp(feature_dim + action_dim, 1)
+        self.v_net = mlp(feature_dim, 1)
+
+    def forward(self, feature, action):
+        x = torch.cat([feature, action], 1)
+        return self.q1_net(x), self.q2_net(x)
+
+    def q1(self, feature, action):
+        return self.q1_net(torch.cat([feature, action], 1))
+
+    def v(self, feature):
+        return self.v_net(feature)
+
+
+def soft_update(net, target, tau):
+    with torch.no_grad():
+        torch._foreach_lerp_(list(target.parameters()), list(net.parameters()), tau)
+
+
+def frozen_copy(net):
+    target = copy.deepcopy(net)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    return target
+
+
+# ------------------------------------------------------------------------- RNG state
+def capture_rng_state(replay_buffer=None):
+    """Every random stream training draws from, as checkpoint-safe tensors and lists."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if replay_buffer is not None:
+        state["sampler"] = replay_buffer.rng_state().cpu()
+    return state
+
+
+def restore_rng_state(state, replay_buffer=None):
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if replay_buffer is not None and "sampler" in state:
+        replay_buffer.set_rng_state(state["sampler"])
+
+
+def atomic_torch_save(obj, path):
+    """Write to a hidden temporary file in the same folder, then rename.
+
+    The temporary name never starts with ``model_``, so a glob of ``model_*`` only ever
+    finds complete checkpoints, whenever the process is killed.
+    """
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{name}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint dict, turning every way a file can be broken into ``CheckpointError``."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise CheckpointError(path, "checkpoint not found")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(path, "checkpoint is empty (0 bytes)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for a truncated/corrupt zip
+        raise CheckpointError(path, f"checkpoint is truncated or corrupt ({type(exc).__name__}: "
+                                    f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "config" not in ckpt:
+        raise CheckpointError(path, "not a Multimodal LAPO checkpoint")
+    return ckpt
+
+
+# ------------------------------------------------------------------------- agents
+class MultimodalAgent:
+    """What LAPO and the BC baseline share: the encoder, normalisation, train loop,
+    checkpoints and ``select_action``. Subclasses add heads and a ``_train_step``."""
+
+    algo = None
+    loss_names = ()
+    needs_next_obs = True
+
+    def __init__(self, joint_dim=16, action_dim=16, image_shape=(84, 84), normalization=None,
+                 replay_buffer=None, device=None, obs_feature_dim=256, image_feature_dim=128,
+                 encoder_lr=3e-4, pretrained_weights=None, amp=True, channels_last=True, compile=False,
+                 discount=0.99):
+        if replay_buffer is not None:
+            joint_dim, action_dim = replay_buffer.joint_dim, replay_buffer.action_dim
+            image_shape, normalization = replay_buffer.image_shape, replay_buffer.normalization
+        if normalization is None:   # identity statistics: a model built without a dataset
+            normalization = Normalization(np.zeros(joint_dim, np.float32), np.ones(joint_dim, np.float32),
+                                          np.zeros(action_dim, np.float32), np.ones(action_dim, np.float32),
+                                          1.0, -1.0 / (1 - discount), 1.0 / (1 - discount))
+        self.device = torch.device(device or default_device())
+        self.replay_buffer = replay_buffer
+        self.normalization = normalization
+        self.config = dict(joint_dim=int(joint_dim), action_dim=int(action_dim),
+                           image_shape=[int(image_shape[0]), int(image_shape[1])],
+                           obs_feature_dim=int(obs_feature_dim), image_feature_dim=int(image_feature_dim),
+                           encoder_lr=float(encoder_lr), discount=float(discount))
+        self.joint_dim, self.action_dim = int(joint_dim), int(action_dim)
+        self.image_shape = tuple(self.config["image_shape"])
+        self.discount = float(discount)
+        self.min_v, self.max_v = normalization.min_v, normalization.max_v
+        self.amp = bool(amp) and self.device.type == "cuda"
+        self.total_it = 0
+
+        self.encoder = ObservationEncoder(joint_dim, image_feature_dim, obs_feature_dim,
+                                          pretrained_weights=pretrained_weights).to(self.device)
+        if channels_last:
+            self.encoder.trunks.to(memory_format=torch.channels_last)
+        self.encoder_optimizer = torch.optim.Adam(self.encoder.parameters(), lr=encoder_lr)
+        self._encode = torch.compile(self.encoder) if compile else self.encoder
+
+    # ---- subclasses provide
+    def _build_heads(self):
+        raise NotImplementedError
+
+    def _train_step(self, batch):
+        raise NotImplementedError
+
+    def _policy_action(self, feature):
+        """Normalised action of the learned policy for a batch of features."""
+        raise NotImplementedError
+
+    def _offline_metrics(self, batch, feature):
+        raise NotImplementedError
+
+    def _modules(self):
+        """name -> module of everything a checkpoint holds (networks and targets)."""
+        raise NotImplementedError
+
+    def _optimizers(self):
+        raise NotImplementedError
+
+    # ---- training
+    def _autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def train(self, iterations, batch_size=64, progress=None, should_stop=None):
+        """Run ``iterations`` gradient steps on batches from the replay buffer.
+
+        Returns the mean of each loss over the steps run, ``iterations`` (how many ran)
+        and ``nonfinite`` ((loss name, step) of the first NaN/Inf loss, else None).
+        Losses are recorded on the device and read back every ``LOSS_CHECK_EVERY``
+        steps, so the step itself never waits for the host. ``should_stop()`` is checked
+        between steps (Ctrl-C / SIGTERM); ``progress(1)`` is called after each step.
+        """
+        if self.replay_buffer is None:
+            raise RuntimeError("this agent has no replay buffer to train on")
+        record = torch.zeros(iterations, len(self.loss_names), device=self.device)
+        done, nonfinite = 0, None
+        for it in range(iterations):
+            if should_stop is not None and should_stop():
+                break
+            batch = self.replay_buffer.sample(batch_size, with_next=self.needs_next_obs)
+            losses = self._train_step(batch)
+            record[it] = torch.stack([losses[k].detach().float() for k in self.loss_names])
+            self.total_it += 1
+            done = it + 1
+            if progress is not None:
+                progress(1)
+            if done % LOSS_CHECK_EVERY == 0 or done == iterations:
+                nonfinite = self._first_nonfinite(record[:done], self.total_it - done)
+                if nonfinite:
+                    break
+        if done == 0:
+            return {"iterations": 0, "nonfinite": None}
+        if nonfinite is None:
+            nonfinite = self._first_nonfinite(record[:done], self.total_it - done)
+        means = record[:done].mean(0).tolist()
+        out = dict(zip(self.loss_names, means))
+        out.update(iterations=done, nonfinite=nonfinite)
+        return out
+
+    def _first_nonfinite(self, record, first_step):
+        bad = ~torch.isfinite(record)
+        if not bool(bad.any()):
+            return None
+        row, col = (int(i) for i in torch.nonzero(bad)[0])
+        return self.loss_names[col], first_step + row + 1
+
+    # ---- inference
+    def _to_batch(self, left_img, right_img, global_img, joint):
+        images = [np.asarray(x) for x in (left_img, right_img, global_img)]
+        joint = np.asarray(joint, dtype=np.float32)
+        single = images[0].ndim == 3
+        if single:
+            images = [x[None] for x in images]
+            joint = joint[None]
+        for name, x in zip(IMAGE_KEYS, images):
+            if x.ndim != 4 or x.shape[1:] != (*self.image_shape, 3):
+                raise ValueError(f"{name}: shape {x.shape[1:] if x.ndim == 4 else x.shape}, expected "
+                                 f"({self.image_shape[0]}, {self.image_shape[1]}, 3) uint8 as in training")
+            if x.dtype != np.uint8:
+                raise ValueError(f"{name}: dtype {x.dtype}, expected uint8 (0-255 RGB) as in training")
+        if joint.ndim != 2 or joint.shape[1] != self.joint_dim:
+            raise ValueError(f"joint: shape {joint.shape[1:] if joint.ndim == 2 else joint.shape}, "
+                             f"expected ({self.joint_dim},)")
+        stacked = torch.from_numpy(np.stack(images, axis=1)).to(self.device)
+        joint = torch.from_numpy(self.normalization.normalize_joint(joint).astype(np.float32)).to(self.device)
+        return stacked, joint, single
+
+    @torch.no_grad()
+    def select_action(self, left_img, right_img, global_img, joint):
+        """Raw uint8 H x W x 3 images and the raw joint vector -> raw action (numpy).
+
+        Also takes a batch (B x H x W x 3 images, B x J joints) and returns B x A.
+        """
+        images, joint, single = self._to_batch(left_img, right_img, global_img, joint)
+        with self._autocast():
+            action = self._policy_action(self._encode(images, joint)).float()
+        action = self.normalization.unnormalize_action(action.cpu().numpy()).astype(np.float32)
+        return action[0] if single else action
+
+    @torch.no_grad()
+    def offline_metrics(self, buffer=None):
+        """Held-out metrics on the buffer's fixed test rows (no randomness consumed)."""
+        buffer = buffer or self.replay_buffer
+        sums, count = {}, 0
+        for batch in buffer.eval_batches():
+            with self._autocast():
+                feature = self._encode(batch.images, batch.joint)
+                if self.needs_next_obs:
+                    batch.next_feature = self._encode(batch.next_images, batch.next_joint)
+                metrics = self._offline_metrics(batch, feature)
+            n = batch.action.shape[0]
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n
+            count += n
+        return {k: v / count for k, v in sums.items()}
+
+    # ---- checkpoints
+    def state(self, extra=None, rng=True):
+        """Everything needed to resume exactly or to run inference, as one dict."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "algo": self.algo,
+            "config": dict(self.config),
+            "normalization": self.normalization.state_dict(),
+            "networks": {name: m.state_dict() for name, m in self._modules().items()},
+            "optimizers": {name: o.state_dict() for name, o in self._optimizers().items()},
+            "total_it": self.total_it,
+            "rng": capture_rng_state(self.replay_buffer) if rng else None,
+            "extra": extra or {},
+        }
+
+    def save(self, filename, directory, extra=None):
+        """Write ``directory/filename.pth`` atomically; returns the path."""
+        path = os.path.join(directory, filename if filename.endswith(".pth") else filename + ".pth")
+        atomic_torch_save(self.state(extra), path)
+        return path
+
+    def load(self, filename, directory=None, restore_rng=False):
+        """Load a checkpoint written by ``save`` (networks, targets, optimisers, step count).
+
+        The networks are rebuilt from the sizes stored in the checkpoint, so any agent
+        (even one built with default arguments) can load any checkpoint of its algorithm.
+        Returns the checkpoint's ``extra`` dict.
+        """
+        path = checkpoint_path(filename, directory)
+        ckpt = read_checkpoint(path, map_location=self.device)
+        if ckpt["algo"] != self.algo:
+            raise CheckpointError(path, f"checkpoint holds a '{ckpt['algo']}' agent, not '{self.algo}'")
+        self._apply_checkpoint(ckpt, path, restore_rng)
+        return ckpt.get("extra", {})
+
+    def _apply_checkpoint(self, ckpt, path, restore_rng):
+        normalization = Normalization.from_state_dict(ckpt["normalization"])
+        if ckpt["config"] != self.config:
+            buffer = self.replay_buffer
+            self.__init__(**ckpt["config"], normalization=normalization, device=self.device)
+            self.replay_buffer = buffer
+        self.normalization = normalization
+        self.min_v, self.max_v = normalization.min_v, normalization.max_v
+        try:
+            for name, module in self._modules().items():
+                module.load_state_dict(ckpt["networks"][name])
+            for name, opt in self._optimizers().items():
+                opt.load_state_dict(ckpt["optimizers"][name])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(path, f"checkpoint does not match this agent: {str(exc).splitlines()[0]}") from None
+        self.total_it = int(ckpt["total_it"])
+        if restore_rng and ckpt.get("rng"):
+            restore_rng_state(ckpt["rng"], self.replay_buffer)
+
+    @classmethod
+    def from_checkpoint(cls, path, device=None, replay_buffer=None):
+        """Build a ready-to-use agent from one checkpoint file alone (no dataset needed)."""
+        ckpt = read_checkpoint(path, map_location="cpu")
+        agent_cls = AGENTS.get(ckpt["algo"])
+        if agent_cls is None:
+            raise CheckpointError(path, f"unknown algorithm {ckpt['algo']!r}")
+        if cls is not MultimodalAgent and not issubclass(agent_cls, cls):
+            raise CheckpointError(path, f"checkpoint holds a '{ckpt['algo']}' agent; "
+                                        f"use {agent_cls.__name__}.from_checkpoint")
+        agent = agent_cls(**ckpt["config"], normalization=Normalization.from_state_dict(ckpt["normalization"]),
+                          device=device)
+        agent.replay_buffer = replay_buffer
+        ckpt = read_checkpoint(path, map_location=agent.device) if agent.device.type != "cpu" else ckpt
+        agent._apply_checkpoint(ckpt, path, restore_rng=False)
+        return agent
+
+
+def checkpoint_path(filename, directory=None):
+    """'model_best' + folder, or a full path, with or without '.pth'."""
+    path = os.path.join(directory, filename) if directory else filename
+    if not path.endswith(".pth") and not os.path.exists(path):
+        path += ".pth"
+    return path
+
+
+class MultimodalLatent(MultimodalAgent):
+    """LAPO on the multimodal observation feature (see the module docstring)."""
+
+    algo = "lapo"
+    loss_names = ("critic_loss", "vae_loss", "actor_loss", "recon_loss", "kl_loss",
+                  "q_mean", "v_mean", "advantage_mean", "positive_advantage_frac")
+    needs_next_obs = True
+
+    def __init__(self, joint_dim=16, action_dim=16, image_shape=(84, 84), normalization=None,
+                 replay_buffer=None, device=None, obs_feature_dim=256, image_feature_dim=128,
+                 encoder_lr=3e-4, pretrained_weights=None, amp=True, channels_last=True, compile=False,
+                 discount=0.99, tau=0.005, vae_lr=2e-4, actor_lr=2e-4, critic_lr=2e-4, latent_dim=None,
+                 max_latent_action=2.0, expectile=0.9, kl_beta=1.0, no_noise=False, doubleq_min=1.0):
+        super().__init__(joint_dim, action_dim, image_shape, normalization, replay_buffer, device,
+                         obs_feature_dim, image_feature_dim, encoder_lr, pretrained_weights, amp,
+                         channels_last, compile, discount)
+        latent_dim = int(latent_dim or 2 * self.action_dim)
+        self.config.update(tau=float(tau), vae_lr=float(vae_lr), actor_lr=float(actor_lr),
+                           critic_lr=float(critic_lr), latent_dim=latent_dim,
+                           max_latent_action=float(max_latent_action), expectile=float(expectile),
+                           kl_beta=float(kl_beta), no_noise=bool(no_noise), doubleq_min=float(doubleq_min))
+        self.tau, self.expectile, self.kl_beta = float(tau), float(expectile), float(kl_beta)
+        self.no_noise, self.doubleq_min = bool(no_noise), float(doubleq_min)
+        self.max_latent_action = float(max_latent_action)
+        f, a, dev = obs_feature_dim, self.action_dim, self.device
+
+        self.actor_vae = ActorVAE(f, a, latent_dim, max_latent_action).to(dev)
+        self.actor_vae_target = frozen_copy(self.actor_vae)
+        self.actor_vae_optimizer = torch.optim.Adam(self.actor_vae.parameters(), lr=vae_lr)
+
+        self.actor = LatentActor(f, latent_dim, max_latent_action).to(dev)
+        self.actor_target = frozen_copy(self.actor)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=actor_lr)
+
+        self.critic = Critic(f, a).to(dev)
+        self.critic_target = frozen_copy(self.critic)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=critic_lr)
+
+    def _modules(self):
+        return {"encoder": self.encoder, "actor_vae": self.actor_vae, "actor_vae_target": self.actor_vae_target,
+                "actor": self.actor, "actor_target": self.actor_target,
+                "critic": self.critic, "critic_target": self.critic_target}
+
+    def _optimizers(self):
+        return {"encoder": self.encoder_optimizer, "actor_vae": self.actor_vae_optimizer,
+                "actor": self.actor_optimizer, "critic": self.critic_optimizer}
+
+    def _policy_action(self, feature):
+        return self.actor_vae_target.decode(feature, self.actor(feature))
+
+    def _target_value(self, feature):
+        """V target at s: Q_target(s, a~), a~ = decode_target(s, actor_target(s) + clipped noise)."""
+        latent_action = self.actor_target(feature)
+        if not self.no_noise:
+            latent_action = latent_action + (torch.randn_like(latent_action) * 0.1).clamp(-0.2, 0.2)
+        target_q1, target_q2 = self.critic_target(feature, self.actor_vae_target.decode(feature, latent_action))
+        return self.doubleq_min * torch.min(target_q1, target_q2) + (1 - self.doubleq_min) * torch.max(target_q1, target_q2)
+
+    def _advantage(self, feature, next_feature, reward, not_done):
+        """A = clamp(r + gamma * not_done * V(s')) - clamp(V(s)) with the current critic."""
+        q_action = (reward + self.discount * not_done * self.critic.v(next_feature)).clamp(self.min_v, self.max_v)
+        return q_action - self.critic.v(feature).clamp(self.min_v, self.max_v)
+
+    def _train_step(self, batch):
+        reward, not_done, action = batch.reward, batch.not_done, batch.action
+        with self._autocast():
+            obs_feature = self._encode(batch.images, batch.joint)
+            with torch.no_grad():
+                next_obs_feature = self._encode(batch.next_images, batch.next_joint).float()
+        obs_feature = obs_feature.float()
+        # The heads meet the encoder here: critic and CVAE losses leave their gradients in
+        # feature.grad; one backward pass at the end carries the sum through the trunks.
+        feature = obs_feature.detach().requires_grad_()
+        state = obs_feature.detach()   # what the targets and the latent actor see
+
+        # ---- critic
+        with torch.no_grad():
+            target_Q = (reward + self.discount * not_done * self.critic_target.v(next_obs_feature)).clamp(
+                self.min_v, self.max_v)
+            target_V = self._target_value(state).clamp(self.min_v, self.max_v)
+        current_Q1, current_Q2 = self.critic(feature, action)
+        current_V = self.critic.v(feature)
+        critic_loss = F.mse_loss(current_Q1, target_Q) + F.mse_loss(current_Q2, target_Q) + F.mse_loss(current_V, target_V)
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.critic_optimizer.step()
+
+        # ---- advantage-weighted CVAE (advantage from the critic after its step)
+        with torch.no_grad():
+            advantage = self._advantage(state, next_obs_feature, reward, not_done)
+            advantage_weight = torch.where(advantage > 0, self.expectile, 1 - self.expectile)
+        recon_action, mean, log_var = self.actor_vae(feature, action)
+        recon_loss = (recon_action - action).pow(2).sum(1, keepdim=True)
+        kl_loss = -0.5 * (1 + log_var - mean.pow(2) - log_var.exp()).sum(1, keepdim=True)
+        vae_loss = (advantage_weight * (recon_loss + self.kl_beta * kl_loss)).mean()
+        self.actor_vae_optimizer.zero_grad(set_to_none=True)
+        vae_loss.backward()
+        self.actor_vae_optimizer.step()
+
+        # ---- latent actor: maximise Q1 through the target decoder, on detached features
+        actor_loss = -self.critic.q1(state, self._policy_action(state)).mean()
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_optimizer.step()
+
+        # ---- encoder: the one backward pass through the three trunks
+        self.encoder_optimizer.zero_grad(set_to_none=True)
+        obs_feature.backward(feature.grad)
+        self.encoder_optimizer.step()
+
+        soft_update(self.critic, self.critic_target, self.tau)
+        soft_update(self.actor, self.actor_target, self.tau)
+        soft_update(self.actor_vae, self.actor_vae_target, self.tau)
+        return {"critic_loss": critic_loss, "vae_loss": vae_loss, "actor_loss": actor_loss,
+                "recon_loss": recon_loss.mean(), "kl_loss": kl_loss.mean(), "q_mean": current_Q1.mean(),
+                "v_mean": current_V.mean(), "advantage_mean": advantage.mean(),
+                "positive_advantage_frac": (advantage > 0).float().mean()}
+
+    def _offline_metrics(self, batch, feature):
+        feature = feature.float()
+        action = batch.action
+        policy_action = self._policy_action(feature)
+        action_err = (policy_action - action).pow(2).mean(1)
+        _, mean, _ = self.actor_vae(feature, action)
+        recon_err = (self.actor_vae.decode(feature, mean) - action).pow(2).mean(1)
+        advantage = self._advantage(feature, batch.next_feature.float(), batch.reward, batch.not_done).squeeze(1)
+        positive = (advantage > 0).float()
+        good_err = (action_err * positive).sum() / positive.sum().clamp(min=1)
+        q1, q2 = self.critic(feature, action)
+        return {"test_action_mse": action_err.mean(), "test_good_action_mse": good_err,
+                "test_vae_recon_mse": recon_err.mean(), "test_q_mean": q1.mean(),
+                "test_v_mean": self.critic.v(feature).mean(), "test_advantage_mean": advantage.mean(),
+                "test_positive_advantage_frac": positive.mean(),
+                "test_policy_q_mean": self.critic.q1(feature, policy_action).mean()}
+
+    # Without a simulator, model_best is the policy that best reproduces the held-out
+    # actions its critic rates above average (A > 0).
+    offline_criterion = ("test_good_action_mse", "min")
+
+
+class MultimodalBC(MultimodalAgent):
+    """Behaviour cloning baseline: the same encoder and data path, a deterministic MLP head
+    trained by mean squared error on every action of the data, good or bad alike."""
+
+    algo = "bc"
+    loss_names = ("bc_loss",)
+    needs_next_obs = False
+    offline_criterion = ("test_action_mse", "min")
+
+    def __init__(self, joint_dim=16, action_dim=16, image_shape=(84, 84), normalization=None,
+                 replay_buffer=None, device=None, obs_feature_dim=256, image_feature_dim=128,
+                 encoder_lr=3e-4, pretrained_weights=None, amp=True, channels_last=True, compile=False,
+                 discount=0.99, vae_lr=2e-4, **_unused_lapo_flags):
+        super().__init__(joint_dim, action_dim, image_shape, normalization, replay_buffer, device,
+                         obs_feature_dim, image_feature_dim, encoder_lr, pretrained_weights, amp,
+                         channels_last, compile, discount)
+        # The policy head learns at the CVAE's rate: it is the component BC shares with LAPO.
+        self.config.update(vae_lr=float(vae_lr))
+        self.policy = mlp(obs_feature_dim, self.action_dim).to(self.device)
+        self.policy_optimizer = torch.optim.Adam(self.policy.parameters(), lr=vae_lr)
+
+    def _modules(self):
+        return {"encoder": self.encoder, "policy": self.policy}
+
+    def _optimizers(self):
+        return {"encoder": self.encoder_optimizer, "policy": self.policy_optimizer}
+
+    def _policy_action(self, feature):
+        return self.policy(feature.float())
+
+    def _train_step(self, batch):
+        with self._autocast():
+            obs_feature = self._encode(batch.images, batch.joint)
+        bc_loss = F.mse_loss(self._policy_action(obs_feature), batch.action)
+        self.policy_optimizer.zero_grad(set_to_none=True)
+        self.encoder_optimizer.zero_grad(set_to_none=True)
+        bc_loss.backward()
+        self.policy_optimizer.step()
+        self.encoder_optimizer.step()
+        return {"bc_loss": bc_loss}
+
+    def _offline_metrics(self, batch, feature):
+        return {"test_action_mse": (self._policy_action(feature) - batch.action).pow(2).mean()}
+
+
+AGENTS = {MultimodalLatent.algo: MultimodalLatent, MultimodalBC.algo: MultimodalBC}
+
+
+def make_agent(algo, **kwargs):
+    """Build the agent named by ``--algo`` ('lapo' or 'bc')."""
+    if algo not in AGENTS:
+        raise ValueError(f"unknown algorithm {algo!r}; choose from {sorted(AGENTS)}")
+    return AGENTS[algo](**kwargs)

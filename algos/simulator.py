@@ -1,0 +1,464 @@
+"""Built-in dual-arm simulator, scripted operators and policy rollouts.
+
+A real robot cannot be rolled out from a training script, so this module gives the
+project a small, fast, numpy-only stand-in that renders the same three camera views
+and the same 16-d joint vector as the reference robot. It makes AverageReturn honest.
+
+Plug-in point (the simulator interface)
+---------------------------------------
+Any simulator that follows this gymnasium-style interface can be used for evaluation:
+
+    env = factory(**config)                # config: the JSON dict stored in the HDF5 file
+    obs = env.reset(seed=int)              # dict: left_image, right_image, global_image
+                                           #       (H x W x 3 uint8) and joint (float32)
+    obs, reward, terminated, truncated, info = env.step(action)   # raw joint-width action
+
+Register a factory under a name with ``register_simulator(name, factory)``, or write an
+import path ``"package.module:ClassName"`` into the dataset's ``simulator`` attribute;
+``make_simulator`` resolves both. A simulator may also provide
+``reference_policy(name, seed) -> callable(env) -> action`` for the behaviours named in
+``REFERENCE_BEHAVIOURS`` (expert = 1, noisy = 0); with them, evaluation also reports a
+normalised score.
+
+The built-in task ("dual_arm_reach")
+------------------------------------
+A table seen from above holds a red box (the goal) and a blue box (a distractor), both
+placed at random each episode. Two planar 7-joint arms with grippers stand at the near
+edge. Success: the left gripper closed on the red box's left handle and the right
+gripper on its right handle. The box positions appear only in the images, never in the
+joint vector, so a policy that ignores the cameras cannot solve it. Actions are joint
+targets; each joint moves toward its target at a bounded speed.
+"""
+import importlib
+import json
+import os
+
+import numpy as np
+
+IMAGE_VIEWS = ("left_image", "right_image", "global_image")
+SIMULATOR_ATTR = "simulator"            # HDF5 attribute naming the simulator
+SIMULATOR_CONFIG_ATTR = "simulator_config"
+REFERENCE_BEHAVIOURS = ("expert", "noisy")   # normalised score: noisy = 0, expert = 1
+
+# --- geometry of the built-in task (world units; the table spans [-1, 1] x [-1, 1]) ---
+LINK_LENGTHS = np.array([0.36, 0.32, 0.27, 0.22, 0.18, 0.15, 0.10])
+ARM_BASES = np.array([[-0.35, -0.9], [0.35, -0.9]])
+# Folded rest pose of the left arm; the right arm mirrors it (q -> -q across x = 0).
+LEFT_REST_POSE = np.array([-0.20, 0.17, 0.40, 0.62, 0.71, 0.59, 0.37])
+REST_POSES = np.stack([LEFT_REST_POSE, -LEFT_REST_POSE])
+JOINT_LIMIT = 2.6          # rad
+JOINT_SPEED = 0.15         # rad per step: how far a joint moves toward its target
+GRIPPER_SPEED = 0.25       # per step, gripper opening in [0 (open), 1 (closed)]
+BOX_HALF_SIZE = 0.1        # the handles are the box's left and right edges
+SUCCESS_RADIUS = 0.07
+GRIPPER_CLOSED = 0.75
+WRIST_VIEW_HALF_EXTENT = 0.35
+JOINTS_PER_ARM = len(LINK_LENGTHS)
+JOINT_DIM = 2 * (JOINTS_PER_ARM + 1)   # 16: left 7 joints, left gripper, right 7, right gripper
+
+COLORS = {
+    "table": (118, 108, 96), "goal": (205, 40, 40), "distractor": (40, 70, 210),
+    "left_arm": (70, 200, 90), "right_arm": (225, 205, 60),
+    "gripper_open": (245, 245, 245), "gripper_closed": (20, 20, 20),
+}
+
+
+def forward_kinematics(base, q):
+    """Positions of the 8 joints of a planar chain (base first, end effector last)."""
+    phi = np.pi / 2 + np.cumsum(q)
+    links = LINK_LENGTHS[:, None] * np.stack([np.cos(phi), np.sin(phi)], 1)
+    return base + np.concatenate([np.zeros((1, 2)), np.cumsum(links, 0)])
+
+
+def jacobian(q):
+    """2 x 7 Jacobian of the end-effector position with respect to the joint angles."""
+    phi = np.pi / 2 + np.cumsum(q)
+    d = LINK_LENGTHS[:, None] * np.stack([-np.sin(phi), np.cos(phi)], 1)
+    return np.cumsum(d[::-1], 0)[::-1].T
+
+
+class DualArmReach:
+    """The built-in dual-arm task (see the module docstring). numpy only, ~0.1 ms a step."""
+
+    name = "dual_arm_reach"
+
+    def __init__(self, image_size=(84, 84), max_steps=50, reward="dense", min_box_separation=0.45):
+        if isinstance(image_size, int):
+            image_size = (image_size, image_size)
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.max_steps = int(max_steps)
+        if reward not in ("dense", "sparse"):
+            raise ValueError(f"reward must be 'dense' or 'sparse', got {reward!r}")
+        self.reward_type = reward
+        self.min_box_separation = float(min_box_separation)
+        self.action_dim = JOINT_DIM
+        self.joint_dim = JOINT_DIM
+        self._grid_cache = {}
+        self.rng = np.random.default_rng(0)
+        self.reset(seed=0)
+
+    def config(self):
+        """JSON-able settings that rebuild this simulator (stored in the HDF5 attributes)."""
+        return {"image_size": list(self.image_size), "max_steps": self.max_steps,
+                "reward": self.reward_type, "min_box_separation": self.min_box_separation}
+
+    # ---------------------------------------------------------------- state
+    def reset(self, seed=None):
+        if seed is not None:
+            self.rng = np.random.default_rng(seed)
+        rng = self.rng
+        self.goal = self._sample_box(rng)
+        while True:
+            self.distractor = self._sample_box(rng)
+            if np.linalg.norm(self.distractor - self.goal) >= self.min_box_separation:
+                break
+        self.q = REST_POSES + rng.uniform(-0.15, 0.15, size=REST_POSES.shape)
+        self.gripper = np.zeros(2)
+        self.t = 0
+        self._update_kinematics()
+        return self.observation()
+
+    @staticmethod
+    def _sample_box(rng):
+        return np.array([rng.uniform(-0.45, 0.45), rng.uniform(-0.1, 0.4)])
+
+    def _update_kinematics(self):
+        self.arm_points = [forward_kinematics(ARM_BASES[k], self.q[k]) for k in range(2)]
+        self.end_effectors = np.stack([p[-1] for p in self.arm_points])
+
+    def handles(self, box):
+        """Where the left and right grippers must close on a box."""
+        return box + np.array([[-BOX_HALF_SIZE, 0.0], [BOX_HALF_SIZE, 0.0]])
+
+    def handle_distances(self, box=None):
+        box = self.goal if box is None else box
+        return np.linalg.norm(self.end_effectors - self.handles(box), axis=1)
+
+    def joint_vector(self):
+        return np.concatenate([self.q[0], self.gripper[:1], self.q[1], self.gripper[1:]]).astype(np.float32)
+
+    def is_success(self):
+        return bool(np.all(self.handle_distances() < SUCCESS_RADIUS) and np.all(self.gripper > GRIPPER_CLOSED))
+
+    def step(self, action):
+        action = np.asarray(action, dtype=np.float64).reshape(-1)
+        if action.shape[0] != JOINT_DIM:
+            raise ValueError(f"action must have {JOINT_DIM} values, got {action.shape[0]}")
+        if not np.all(np.isfinite(action)):
+            raise ValueError("action contains NaN or Inf")
+        target = np.stack([action[0:7], action[8:15]])
+        target_gripper = action[[7, 15]]
+        before = self.handle_distances().mean()
+        self.q = np.clip(self.q + np.clip(target - self.q, -JOINT_SPEED, JOINT_SPEED), -JOINT_LIMIT, JOINT_LIMIT)
+        self.gripper = np.clip(self.gripper + np.clip(target_gripper - self.gripper, -GRIPPER_SPEED, GRIPPER_SPEED), 0, 1)
+        self.t += 1
+        self._update_kinematics()
+        after = self.handle_distances().mean()
+        success = self.is_success()
+        reward = float(success)
+        if self.reward_type == "dense":
+            reward += before - after   # potential-based shaping: progress toward the handles
+        truncated = (not success) and self.t >= self.max_steps
+        return self.observation(), reward, success, truncated, {"success": success, "distance": after}
+
+    # ---------------------------------------------------------------- rendering
+    def observation(self):
+        h, w = self.image_size
+        return {
+            "left_image": self.render_view(self.end_effectors[0], WRIST_VIEW_HALF_EXTENT, h, w),
+            "right_image": self.render_view(self.end_effectors[1], WRIST_VIEW_HALF_EXTENT, h, w),
+            "global_image": self.render_view(np.zeros(2), 1.0, h, w),
+            "joint": self.joint_vector(),
+        }
+
+    def render_view(self, center, half_extent, h, w):
+        """Top-down view of the square [center +- half_extent] as an h x w x 3 uint8 image."""
+        px_per_unit = np.array([w, h]) / (2.0 * half_extent)
+        origin = np.asarray(center) - half_extent          # world coords of the image's left/bottom edge
+        img = np.empty((h, w, 3), np.float32)
+        img[:] = COLORS["table"]
+        # Boxes with anti-aliased edges (area coverage per pixel), so sub-pixel positions
+        # remain visible at 32 x 32.
+        for box, color in ((self.distractor, COLORS["distractor"]), (self.goal, COLORS["goal"])):
+            lo = (box - BOX_HALF_SIZE - origin) * px_per_unit
+            hi = (box + BOX_HALF_SIZE - origin) * px_per_unit
+            cov_x = np.clip(np.minimum(np.arange(1, w + 1), hi[0]) - np.maximum(np.arange(w), lo[0]), 0, 1)
+            cov_y = np.clip(np.minimum(np.arange(1, h + 1), hi[1]) - np.maximum(np.arange(h), lo[1]), 0, 1)[::-1]
+            if cov_x.any() and cov_y.any():
+                cover = (cov_y[:, None] * cov_x[None, :])[..., None]
+                img += cover * (np.asarray(color, np.float32) - img)
+        for k, arm in enumerate(("left_arm", "right_arm")):
+            self._splat_polyline(img, self.arm_points[k], 0.02, COLORS[arm], origin, px_per_unit)
+            grip = COLORS["gripper_closed"] if self.gripper[k] > 0.5 else COLORS["gripper_open"]
+            self._splat_polyline(img, self.arm_points[k][-1:], 0.035, grip, origin, px_per_unit)
+        return img.astype(np.uint8)
+
+    def _splat_polyline(self, img, points, radius, color, origin, px_per_unit):
+        h, w = img.shape[:2]
+        pix = (points - origin) * px_per_unit
+        if len(pix) > 1:   # sample along each link at half-pixel spacing
+            seg = np.diff(pix, axis=0)
+            n = max(2, int(np.ceil(np.abs(seg).max() * 2)) + 1)
+            t = np.linspace(0, 1, n)[None, :, None]
+            pix = (pix[:-1, None, :] + t * seg[:, None, :]).reshape(-1, 2)
+        r = max(0.5, radius * px_per_unit.mean())
+        offsets = self._disk_offsets(r)
+        cols = np.floor(pix[:, 0])[:, None].astype(np.int64) + offsets[None, :, 0]
+        rows = (h - 1 - np.floor(pix[:, 1]))[:, None].astype(np.int64) + offsets[None, :, 1]
+        keep = (cols >= 0) & (cols < w) & (rows >= 0) & (rows < h)
+        img[rows[keep], cols[keep]] = color
+
+    def _disk_offsets(self, r):
+        key = round(r, 2)
+        if key not in self._grid_cache:
+            k = int(np.ceil(r))
+            dx, dy = np.meshgrid(np.arange(-k, k + 1), np.arange(-k, k + 1))
+            inside = dx ** 2 + dy ** 2 <= max(r - 0.5, 0) ** 2 + 1e-9
+            self._grid_cache[key] = np.stack([dx[inside], dy[inside]], 1)
+        return self._grid_cache[key]
+
+    # ---------------------------------------------------------------- operators
+    def reference_policy(self, behaviour, seed):
+        """A scripted operator: 'expert', 'wrong' (confidently reaches the blue box) or 'noisy'."""
+        return SCRIPTED_OPERATORS[behaviour](np.random.default_rng(seed))
+
+
+class ReachOperator:
+    """Moves both grippers to a box's handles and closes them (damped least-squares IK).
+
+    ``target='goal'`` is the expert; ``target='distractor'`` is the confident but wrong
+    operator: the same skill and style aimed at the wrong box, a distinct mode of the
+    data that plain behaviour cloning averages with the expert's.
+    """
+
+    def __init__(self, rng, target="goal", speed=0.07, joint_noise=0.01):
+        self.rng, self.target, self.speed, self.joint_noise = rng, target, speed, joint_noise
+
+    def __call__(self, env):
+        handles = env.handles(getattr(env, self.target))
+        action = np.zeros(JOINT_DIM)
+        for k in range(2):
+            error = handles[k] - env.end_effectors[k]
+            dist = np.linalg.norm(error)
+            if dist > self.speed:
+                error *= self.speed / dist
+            jac = jacobian(env.q[k])
+            jjt_inv = np.linalg.inv(jac @ jac.T + 0.02 * np.eye(2))
+            pinv = jac.T @ jjt_inv
+            null_space = (np.eye(JOINTS_PER_ARM) - pinv @ jac) @ (0.1 * (REST_POSES[k] - env.q[k]))
+            dq = np.clip(pinv @ error + null_space, -JOINT_SPEED, JOINT_SPEED)
+            dq += self.rng.normal(0, self.joint_noise, JOINTS_PER_ARM)
+            action[8 * k: 8 * k + 7] = env.q[k] + dq
+            action[8 * k + 7] = 1.0 if dist < 1.5 * SUCCESS_RADIUS else 0.0
+        return action
+
+
+class NoisyPlayOperator:
+    """Random play: joint targets wander as a smoothed random walk, grippers toggle at random."""
+
+    def __init__(self, rng, scale=0.12):
+        self.rng, self.scale = rng, scale
+        self.drift = np.zeros((2, JOINTS_PER_ARM))
+        self.grip = np.zeros(2)
+
+    def __call__(self, env):
+        self.drift = 0.8 * self.drift + self.rng.normal(0, self.scale, self.drift.shape)
+        flip = self.rng.random(2) < 0.1
+        self.grip[flip] = 1.0 - self.grip[flip]
+        action = np.zeros(JOINT_DIM)
+        for k in range(2):
+            action[8 * k: 8 * k + 7] = env.q[k] + self.drift[k]
+            action[8 * k + 7] = self.grip[k]
+        return action
+
+
+SCRIPTED_OPERATORS = {
+    "expert": lambda rng: ReachOperator(rng, "goal"),
+    "wrong": lambda rng: ReachOperator(rng, "distractor"),
+    "noisy": lambda rng: NoisyPlayOperator(rng),
+}
+BEHAVIOURS = tuple(SCRIPTED_OPERATORS)
+
+# ------------------------------------------------------------------ plug-in registry
+SIMULATORS = {DualArmReach.name: DualArmReach}
+
+
+def register_simulator(name, factory):
+    """Make ``make_simulator(name, ...)`` build ``factory(**config)``."""
+    SIMULATORS[name] = factory
+
+
+def make_simulator(name, config=None):
+    """Build a simulator from a registered name or a 'package.module:ClassName' path."""
+    config = dict(config or {})
+    if name in SIMULATORS:
+        return SIMULATORS[name](**config)
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"cannot import simulator {name!r}: {exc}") from None
+        return factory(**config)
+    raise ValueError(f"unknown simulator {name!r}; known: {sorted(SIMULATORS)} "
+                     "(or give 'package.module:ClassName')")
+
+
+def simulator_from_attrs(attrs):
+    """(name, config) from an HDF5 file's attributes, or None when no simulator is named."""
+    name = attrs.get(SIMULATOR_ATTR)
+    if name is None:
+        return None
+    if isinstance(name, bytes):
+        name = name.decode()
+    config = attrs.get(SIMULATOR_CONFIG_ATTR, "{}")
+    if isinstance(config, bytes):
+        config = config.decode()
+    return str(name), json.loads(config)
+
+
+# ------------------------------------------------------------------ rollouts
+def rollout(envs, act, seeds):
+    """Roll out ``act`` in lockstep on one env per seed; returns (returns, successes, lengths).
+
+    ``act(obs_list) -> array [len(obs_list), action_dim]`` sees only the envs still
+    running, so a learned policy is evaluated as one batch per step.
+    """
+    obs = [env.reset(seed=int(s)) for env, s in zip(envs, seeds)]
+    returns = np.zeros(len(envs))
+    successes = np.zeros(len(envs), bool)
+    lengths = np.zeros(len(envs), int)
+    running = list(range(len(envs)))
+    while running:
+        actions = act([obs[i] for i in running])
+        still = []
+        for i, action in zip(running, actions):
+            obs[i], reward, terminated, truncated, info = envs[i].step(action)
+            returns[i] += reward
+            lengths[i] += 1
+            successes[i] |= bool(info.get("success", terminated))
+            if not (terminated or truncated):
+                still.append(i)
+        running = still
+    return returns, successes, lengths
+
+
+def reference_returns(name, config, seeds, behaviours=REFERENCE_BEHAVIOURS):
+    """Mean return of each scripted behaviour on the given seeds, or {} if the simulator has none."""
+    env = make_simulator(name, config)
+    if not hasattr(env, "reference_policy"):
+        return {}
+    out = {}
+    for behaviour in behaviours:
+        returns = []
+        for s in seeds:
+            env.reset(seed=int(s))
+            operator = env.reference_policy(behaviour, 1_000_003 + int(s))
+            total, done = 0.0, False
+            while not done:
+                _, reward, terminated, truncated, _ = env.step(operator(env))
+                total += reward
+                done = terminated or truncated
+            returns.append(total)
+        out[behaviour] = float(np.mean(returns))
+    return out
+
+
+def normalized_score(average_return, references):
+    """(R - R_noisy) / (R_expert - R_noisy), or None when the references are missing."""
+    if not references or "expert" not in references or "noisy" not in references:
+        return None
+    span = references["expert"] - references["noisy"]
+    if abs(span) < 1e-9:
+        return None
+    return (average_return - references["noisy"]) / span
+
+
+# ------------------------------------------------------------------ sample datasets
+DEFAULT_MIX = {"expert": 1 / 3, "wrong": 1 / 3, "noisy": 1 / 3}
+
+
+def parse_mix(text):
+    """'expert=0.4,wrong=0.3,noisy=0.3' -> {behaviour: fraction of episodes} (sums to 1)."""
+    mix = {}
+    for part in str(text).split(","):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in SCRIPTED_OPERATORS:
+            raise ValueError(f"bad --mix entry {part!r}: use name=fraction with names from {list(BEHAVIOURS)}")
+        try:
+            mix[name] = float(value)
+        except ValueError:
+            raise ValueError(f"bad --mix fraction {value!r} for {name}") from None
+        if mix[name] < 0:
+            raise ValueError(f"--mix fraction for {name} is negative")
+    total = sum(mix.values())
+    if total <= 0:
+        raise ValueError("--mix fractions sum to zero")
+    return {k: v / total for k, v in mix.items()}
+
+
+def create_sample_dataset(path, n_samples=5000, image_size=(84, 84), mix=None, seed=0, max_steps=50,
+                          reward="dense", progress=True):
+    """Record ``n_samples`` transitions of mixed-quality episodes from the built-in simulator.
+
+    Episodes are assigned to behaviours in the proportions of ``mix`` (by episode, as
+    operators record whole demonstrations). The file stores which simulator, settings
+    and mix produced it, and the behaviour of every row (key ``behaviour``).
+    """
+    from tqdm import tqdm
+    from algos.utils_multimodal import DatasetWriter
+
+    mix = dict(mix or DEFAULT_MIX)
+    names = list(BEHAVIOURS)
+    env = DualArmReach(image_size=image_size, max_steps=max_steps, reward=reward)
+    attrs = {SIMULATOR_ATTR: env.name, SIMULATOR_CONFIG_ATTR: json.dumps(env.config()),
+             "behaviour_mix": json.dumps(mix), "behaviour_names": json.dumps(names), "seed": int(seed),
+             "created_by": "create_dataset.py --create_sample"}
+    writer = DatasetWriter(path, n_samples, env.image_size, JOINT_DIM, JOINT_DIM, attrs,
+                           extra_int_keys=("behaviour",))
+    rng = np.random.default_rng(seed)
+    counts = {k: 0 for k in mix}
+    written, episode = 0, 0
+    bar = tqdm(total=n_samples, desc=f"Recording {os.path.basename(str(path))}", unit="step", disable=not progress)
+    try:
+        while written < n_samples:
+            # stratified: the behaviour furthest below its share records the next episode
+            behaviour = max(mix, key=lambda k: mix[k] * (episode + 1) - counts[k])
+            counts[behaviour] += 1
+            episode_seed = int(rng.integers(2 ** 31))
+            rows = _record_episode(env, behaviour, episode_seed, n_samples - written)
+            writer.write(rows)
+            written += len(rows["rewards"])
+            episode += 1
+            bar.update(len(rows["rewards"]))
+        bar.close()
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return {"episodes": episode, "episodes_per_behaviour": counts}
+
+
+def _record_episode(env, behaviour, seed, max_rows):
+    obs = env.reset(seed=seed)
+    operator = env.reference_policy(behaviour, seed + 1)
+    rows = {k: [] for k in ("left_image", "right_image", "global_image", "joint", "actions", "rewards",
+                            "terminals", "timeouts")}
+    done = False
+    while not done and len(rows["rewards"]) < max_rows:
+        action = operator(env)
+        for k in IMAGE_VIEWS + ("joint",):
+            rows[k].append(obs[k])
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        rows["actions"].append(action.astype(np.float32))
+        rows["rewards"].append(reward)
+        rows["terminals"].append(terminated)
+        done = terminated or truncated
+        # an episode cut by the time limit or by the end of the file is a timeout
+        rows["timeouts"].append(truncated or (not terminated and len(rows["rewards"]) == max_rows))
+        obs = next_obs
+    out = {k: np.asarray(v) for k, v in rows.items()}
+    out["rewards"] = out["rewards"].astype(np.float32)
+    out["behaviour"] = np.full(len(out["rewards"]), BEHAVIOURS.index(behaviour), np.uint8)
+    return out
