@@ -68,6 +68,11 @@ def build_parser():
     a("--max_latent_action", type=float, default=2.0, help="bound of the latent policy (tanh x this)")
     a("--doubleq_min", type=float, default=1.0, help="weight of min(Q1, Q2) in the V target, in [0, 1]")
     a("--no_noise", action="store_true", help="no clipped noise on the target latent action")
+    a("--encoder_losses", default="critic+vae", choices=("critic", "critic+vae", "balanced"))
+    a("--image_shift", type=int, default=0, help="random-shift augmentation of training images, in pixels")
+    a("--relative_actions", default="auto", choices=("auto", "all", "none"),
+      help="learn joint-target action dims as the change from the current joint (auto: where the data "
+           "says so, see README_MULTIMODAL.md)")
     a("--pretrained_weights", default=None, metavar="PATH",
       help="local torchvision ResNet18 ImageNet state dict for the image trunks (default: random init)")
     a("--load_model", default=None, metavar="STEP|PATH",
@@ -189,6 +194,9 @@ def latest_checkpoint(folder):
 def prepare_experiment(args):
     """Create or reuse the experiment folder as the flags ask; returns (folder, checkpoint to load)."""
     folder = experiment_dir(args.log_dir, args.ExpID)
+    # temporary files of a killed run are never complete outputs: clear them
+    for stale in glob.glob(os.path.join(glob.escape(folder), ".tmp-*")):
+        os.remove(stale)
     has_run = os.path.isdir(folder) and any(
         os.path.exists(os.path.join(folder, n)) for n in ("progress.csv", "params.json")) or bool(
         os.path.isdir(folder) and glob.glob(os.path.join(glob.escape(folder), "model_*.pth")))
@@ -393,7 +401,8 @@ def train(args, argv, folder, ckpt_path, device):
             storage = device
     try:
         buffer = utils.MultimodalReplayBuffer(dataset, args.train_test_split, args.seed, args.discount,
-                                              device=device, storage_device=storage)
+                                              device=device, storage_device=storage,
+                                              relative_actions=args.relative_actions)
     except ValueError as exc:
         raise UserError(f"{args.hdf5_path}: {exc}") from None
     del dataset
@@ -407,7 +416,8 @@ def train(args, argv, folder, ckpt_path, device):
                         discount=args.discount, tau=args.tau, vae_lr=args.vae_lr, actor_lr=args.actor_lr,
                         critic_lr=args.critic_lr, max_latent_action=args.max_latent_action,
                         expectile=args.expectile, kl_beta=args.kl_beta, no_noise=args.no_noise,
-                        doubleq_min=args.doubleq_min)
+                        doubleq_min=args.doubleq_min, encoder_losses=args.encoder_losses,
+                        image_shift=args.image_shift)
     try:
         agent = algos.make_agent(args.algo, **agent_kwargs)
     except algos.CheckpointError as exc:

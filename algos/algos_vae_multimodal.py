@@ -93,6 +93,23 @@ def load_pretrained_trunk(trunk, path):
     trunk.load_state_dict({k: state[k] for k in wanted}, strict=False)
 
 
+def random_shift(images, pad):
+    """Shift each image of a uint8 batch [B, V, H, W, 3] by up to ``pad`` pixels (edges repeat).
+
+    The augmentation of DrQ (Kostrikov et al., 2020): it stops the trunks from memorising
+    exact pixels while keeping what the task needs, where the grippers are relative to
+    the objects. Each view of each sample gets its own shift.
+    """
+    b, v, h, w, _ = images.shape
+    dev = images.device
+    offsets = torch.randint(-pad, pad + 1, (2, b, v, 1), device=dev)
+    rows = (torch.arange(h, device=dev) + offsets[0]).clamp_(0, h - 1)          # [B, V, H]
+    cols = (torch.arange(w, device=dev) + offsets[1]).clamp_(0, w - 1)          # [B, V, W]
+    bi = torch.arange(b, device=dev).view(b, 1, 1, 1)
+    vi = torch.arange(v, device=dev).view(1, v, 1, 1)
+    return images[bi, vi, rows.unsqueeze(-1), cols.unsqueeze(-2)]
+
+
 class ObservationEncoder(nn.Module):
     """Three images + joint vector -> ``obs_feature`` (the guide's diagram).
 
@@ -274,7 +291,7 @@ class MultimodalAgent:
     def __init__(self, joint_dim=16, action_dim=16, image_shape=(84, 84), normalization=None,
                  replay_buffer=None, device=None, obs_feature_dim=256, image_feature_dim=128,
                  encoder_lr=3e-4, pretrained_weights=None, amp=True, channels_last=True, compile=False,
-                 discount=0.99):
+                 discount=0.99, image_shift=0):
         if replay_buffer is not None:
             joint_dim, action_dim = replay_buffer.joint_dim, replay_buffer.action_dim
             image_shape, normalization = replay_buffer.image_shape, replay_buffer.normalization
@@ -288,7 +305,8 @@ class MultimodalAgent:
         self.config = dict(joint_dim=int(joint_dim), action_dim=int(action_dim),
                            image_shape=[int(image_shape[0]), int(image_shape[1])],
                            obs_feature_dim=int(obs_feature_dim), image_feature_dim=int(image_feature_dim),
-                           encoder_lr=float(encoder_lr), discount=float(discount))
+                           encoder_lr=float(encoder_lr), discount=float(discount), image_shift=int(image_shift))
+        self.image_shift = int(image_shift)
         self.joint_dim, self.action_dim = int(joint_dim), int(action_dim)
         self.image_shape = tuple(self.config["image_shape"])
         self.discount = float(discount)
@@ -325,6 +343,9 @@ class MultimodalAgent:
         raise NotImplementedError
 
     # ---- training
+    def _augment(self, images):
+        return random_shift(images, self.image_shift) if self.image_shift > 0 else images
+
     def _autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
@@ -389,8 +410,8 @@ class MultimodalAgent:
             raise ValueError(f"joint: shape {joint.shape[1:] if joint.ndim == 2 else joint.shape}, "
                              f"expected ({self.joint_dim},)")
         stacked = torch.from_numpy(np.stack(images, axis=1)).to(self.device)
-        joint = torch.from_numpy(self.normalization.normalize_joint(joint).astype(np.float32)).to(self.device)
-        return stacked, joint, single
+        normalized = torch.from_numpy(self.normalization.normalize_joint(joint).astype(np.float32)).to(self.device)
+        return stacked, normalized, joint, single
 
     @torch.no_grad()
     def select_action(self, left_img, right_img, global_img, joint):
@@ -398,10 +419,10 @@ class MultimodalAgent:
 
         Also takes a batch (B x H x W x 3 images, B x J joints) and returns B x A.
         """
-        images, joint, single = self._to_batch(left_img, right_img, global_img, joint)
+        images, joint_normalized, raw_joint, single = self._to_batch(left_img, right_img, global_img, joint)
         with self._autocast():
-            action = self._policy_action(self._encode(images, joint)).float()
-        action = self.normalization.unnormalize_action(action.cpu().numpy()).astype(np.float32)
+            action = self._policy_action(self._encode(images, joint_normalized)).float()
+        action = self.normalization.unnormalize_action(action.cpu().numpy(), raw_joint).astype(np.float32)
         return action[0] if single else action
 
     @torch.no_grad()
@@ -513,15 +534,18 @@ class MultimodalLatent(MultimodalAgent):
                  replay_buffer=None, device=None, obs_feature_dim=256, image_feature_dim=128,
                  encoder_lr=3e-4, pretrained_weights=None, amp=True, channels_last=True, compile=False,
                  discount=0.99, tau=0.005, vae_lr=2e-4, actor_lr=2e-4, critic_lr=2e-4, latent_dim=None,
-                 max_latent_action=2.0, expectile=0.9, kl_beta=1.0, no_noise=False, doubleq_min=1.0):
+                 max_latent_action=2.0, expectile=0.9, kl_beta=1.0, no_noise=False, doubleq_min=1.0,
+                 encoder_losses="critic+vae", image_shift=0):
         super().__init__(joint_dim, action_dim, image_shape, normalization, replay_buffer, device,
                          obs_feature_dim, image_feature_dim, encoder_lr, pretrained_weights, amp,
-                         channels_last, compile, discount)
+                         channels_last, compile, discount, image_shift)
         latent_dim = int(latent_dim or 2 * self.action_dim)
         self.config.update(tau=float(tau), vae_lr=float(vae_lr), actor_lr=float(actor_lr),
                            critic_lr=float(critic_lr), latent_dim=latent_dim,
                            max_latent_action=float(max_latent_action), expectile=float(expectile),
-                           kl_beta=float(kl_beta), no_noise=bool(no_noise), doubleq_min=float(doubleq_min))
+                           kl_beta=float(kl_beta), no_noise=bool(no_noise), doubleq_min=float(doubleq_min),
+                           encoder_losses=encoder_losses)
+        self.encoder_losses = encoder_losses
         self.tau, self.expectile, self.kl_beta = float(tau), float(expectile), float(kl_beta)
         self.no_noise, self.doubleq_min = bool(no_noise), float(doubleq_min)
         self.max_latent_action = float(max_latent_action)
@@ -559,57 +583,78 @@ class MultimodalLatent(MultimodalAgent):
         target_q1, target_q2 = self.critic_target(feature, self.actor_vae_target.decode(feature, latent_action))
         return self.doubleq_min * torch.min(target_q1, target_q2) + (1 - self.doubleq_min) * torch.max(target_q1, target_q2)
 
+    def _critic_targets(self, feature, next_feature, reward, not_done):
+        """target_Q = r + gamma * not_done * V(s'); target_V = Q_target(s, a~); both in [min_v, max_v].
+
+        V(s') comes from the current critic, as in the original LAPO code (critic.v(next_state)):
+        with a target V here too, every backup would wait on two lagging targets in a row.
+        """
+        target_Q = reward + self.discount * not_done * self.critic.v(next_feature)
+        target_V = self._target_value(feature)
+        return target_Q.clamp(self.min_v, self.max_v), target_V.clamp(self.min_v, self.max_v)
+
     def _advantage(self, feature, next_feature, reward, not_done):
         """A = clamp(r + gamma * not_done * V(s')) - clamp(V(s)) with the current critic."""
         q_action = (reward + self.discount * not_done * self.critic.v(next_feature)).clamp(self.min_v, self.max_v)
         return q_action - self.critic.v(feature).clamp(self.min_v, self.max_v)
 
     def _train_step(self, batch):
-        reward, not_done, action = batch.reward, batch.not_done, batch.action
+        images, next_images = self._augment(batch.images), self._augment(batch.next_images)
         with self._autocast():
-            obs_feature = self._encode(batch.images, batch.joint)
+            obs_feature = self._encode(images, batch.joint)
             with torch.no_grad():
-                next_obs_feature = self._encode(batch.next_images, batch.next_joint).float()
+                next_obs_feature = self._encode(next_images, batch.next_joint)
         obs_feature = obs_feature.float()
         # The heads meet the encoder here: critic and CVAE losses leave their gradients in
-        # feature.grad; one backward pass at the end carries the sum through the trunks.
+        # feature.grad; one backward pass then carries the sum through the trunks.
         feature = obs_feature.detach().requires_grad_()
-        state = obs_feature.detach()   # what the targets and the latent actor see
+        losses = self._update_heads(feature, next_obs_feature.float(), batch)
+        self.encoder_optimizer.zero_grad(set_to_none=True)
+        obs_feature.backward(feature.grad)
+        self.encoder_optimizer.step()
+        return losses
+
+    def _update_heads(self, feature, next_obs_feature, batch):
+        """One LAPO update of the critic, the weighted CVAE and the latent actor, then the
+        target networks, on given features. If ``feature`` requires grad, the critic's and
+        the CVAE's gradients with respect to it are left in ``feature.grad``."""
+        reward, not_done, action = batch.reward, batch.not_done, batch.action
+        state = feature.detach()   # what the targets and the latent actor see
 
         # ---- critic
         with torch.no_grad():
-            target_Q = (reward + self.discount * not_done * self.critic_target.v(next_obs_feature)).clamp(
-                self.min_v, self.max_v)
-            target_V = self._target_value(state).clamp(self.min_v, self.max_v)
+            target_Q, target_V = self._critic_targets(state, next_obs_feature, reward, not_done)
         current_Q1, current_Q2 = self.critic(feature, action)
         current_V = self.critic.v(feature)
         critic_loss = F.mse_loss(current_Q1, target_Q) + F.mse_loss(current_Q2, target_Q) + F.mse_loss(current_V, target_V)
         self.critic_optimizer.zero_grad(set_to_none=True)
         critic_loss.backward()
         self.critic_optimizer.step()
+        critic_feature_grad = None
+        if self.encoder_losses == "balanced" and feature.grad is not None:
+            critic_feature_grad, feature.grad = feature.grad, None
 
         # ---- advantage-weighted CVAE (advantage from the critic after its step)
         with torch.no_grad():
             advantage = self._advantage(state, next_obs_feature, reward, not_done)
             advantage_weight = torch.where(advantage > 0, self.expectile, 1 - self.expectile)
-        recon_action, mean, log_var = self.actor_vae(feature, action)
+        recon_action, mean, log_var = self.actor_vae(feature if self.encoder_losses != "critic" else state, action)
         recon_loss = (recon_action - action).pow(2).sum(1, keepdim=True)
         kl_loss = -0.5 * (1 + log_var - mean.pow(2) - log_var.exp()).sum(1, keepdim=True)
         vae_loss = (advantage_weight * (recon_loss + self.kl_beta * kl_loss)).mean()
         self.actor_vae_optimizer.zero_grad(set_to_none=True)
         vae_loss.backward()
         self.actor_vae_optimizer.step()
+        if critic_feature_grad is not None:
+            vae_grad = feature.grad
+            feature.grad = (critic_feature_grad / (critic_feature_grad.norm() + 1e-8)
+                            + vae_grad / (vae_grad.norm() + 1e-8))
 
         # ---- latent actor: maximise Q1 through the target decoder, on detached features
         actor_loss = -self.critic.q1(state, self._policy_action(state)).mean()
         self.actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_optimizer.step()
-
-        # ---- encoder: the one backward pass through the three trunks
-        self.encoder_optimizer.zero_grad(set_to_none=True)
-        obs_feature.backward(feature.grad)
-        self.encoder_optimizer.step()
 
         soft_update(self.critic, self.critic_target, self.tau)
         soft_update(self.actor, self.actor_target, self.tau)
@@ -653,10 +698,10 @@ class MultimodalBC(MultimodalAgent):
     def __init__(self, joint_dim=16, action_dim=16, image_shape=(84, 84), normalization=None,
                  replay_buffer=None, device=None, obs_feature_dim=256, image_feature_dim=128,
                  encoder_lr=3e-4, pretrained_weights=None, amp=True, channels_last=True, compile=False,
-                 discount=0.99, vae_lr=2e-4, **_unused_lapo_flags):
+                 discount=0.99, vae_lr=2e-4, image_shift=0, **_unused_lapo_flags):
         super().__init__(joint_dim, action_dim, image_shape, normalization, replay_buffer, device,
                          obs_feature_dim, image_feature_dim, encoder_lr, pretrained_weights, amp,
-                         channels_last, compile, discount)
+                         channels_last, compile, discount, image_shift)
         # The policy head learns at the CVAE's rate: it is the component BC shares with LAPO.
         self.config.update(vae_lr=float(vae_lr))
         self.policy = mlp(obs_feature_dim, self.action_dim).to(self.device)
@@ -673,7 +718,7 @@ class MultimodalBC(MultimodalAgent):
 
     def _train_step(self, batch):
         with self._autocast():
-            obs_feature = self._encode(batch.images, batch.joint)
+            obs_feature = self._encode(self._augment(batch.images), batch.joint)
         bc_loss = F.mse_loss(self._policy_action(obs_feature), batch.action)
         self.policy_optimizer.zero_grad(set_to_none=True)
         self.encoder_optimizer.zero_grad(set_to_none=True)

@@ -50,7 +50,7 @@ JOINT_LIMIT = 2.6          # rad
 JOINT_SPEED = 0.15         # rad per step: how far a joint moves toward its target
 GRIPPER_SPEED = 0.25       # per step, gripper opening in [0 (open), 1 (closed)]
 BOX_HALF_SIZE = 0.1        # the handles are the box's left and right edges
-SUCCESS_RADIUS = 0.07
+SUCCESS_RADIUS = 0.1
 GRIPPER_CLOSED = 0.75
 WRIST_VIEW_HALF_EXTENT = 0.35
 JOINTS_PER_ARM = len(LINK_LENGTHS)
@@ -231,44 +231,50 @@ class ReachOperator:
     data that plain behaviour cloning averages with the expert's.
     """
 
-    def __init__(self, rng, target="goal", speed=0.07, joint_noise=0.01):
+    def __init__(self, rng, target="goal", speed=0.07, joint_noise=0.004):
         self.rng, self.target, self.speed, self.joint_noise = rng, target, speed, joint_noise
 
     def __call__(self, env):
-        handles = env.handles(getattr(env, self.target))
+        return self.move_to(env, env.handles(getattr(env, self.target)), close_grippers=True)
+
+    def move_to(self, env, points, close_grippers=False):
+        """Joint targets that move each gripper toward its point; close it when there."""
         action = np.zeros(JOINT_DIM)
         for k in range(2):
-            error = handles[k] - env.end_effectors[k]
+            error = points[k] - env.end_effectors[k]
             dist = np.linalg.norm(error)
             if dist > self.speed:
                 error *= self.speed / dist
             jac = jacobian(env.q[k])
-            jjt_inv = np.linalg.inv(jac @ jac.T + 0.02 * np.eye(2))
-            pinv = jac.T @ jjt_inv
+            pinv = jac.T @ np.linalg.inv(jac @ jac.T + 0.02 * np.eye(2))
             null_space = (np.eye(JOINTS_PER_ARM) - pinv @ jac) @ (0.1 * (REST_POSES[k] - env.q[k]))
             dq = np.clip(pinv @ error + null_space, -JOINT_SPEED, JOINT_SPEED)
             dq += self.rng.normal(0, self.joint_noise, JOINTS_PER_ARM)
             action[8 * k: 8 * k + 7] = env.q[k] + dq
-            action[8 * k + 7] = 1.0 if dist < 1.5 * SUCCESS_RADIUS else 0.0
+            action[8 * k + 7] = 1.0 if close_grippers and dist < 1.5 * SUCCESS_RADIUS else 0.0
         return action
 
 
 class NoisyPlayOperator:
-    """Random play: joint targets wander as a smoothed random walk, grippers toggle at random."""
+    """Play: each arm reaches for random points of the table with the expert's skill,
+    switching to a new point every few steps, grippers opening and closing at random.
+    It covers the workspace at a human operator's speed but solves nothing on purpose."""
 
-    def __init__(self, rng, scale=0.12):
-        self.rng, self.scale = rng, scale
-        self.drift = np.zeros((2, JOINTS_PER_ARM))
+    def __init__(self, rng, switch_every=(6, 15)):
+        self.rng, self.switch_every = rng, switch_every
+        self.reach = ReachOperator(rng)
+        self.points, self.steps_left = None, 0
         self.grip = np.zeros(2)
 
     def __call__(self, env):
-        self.drift = 0.8 * self.drift + self.rng.normal(0, self.scale, self.drift.shape)
-        flip = self.rng.random(2) < 0.1
+        if self.steps_left <= 0:
+            self.points = np.stack([self.rng.uniform([-0.9, -0.5], [0.9, 0.6]) for _ in range(2)])
+            self.steps_left = int(self.rng.integers(*self.switch_every))
+        self.steps_left -= 1
+        action = self.reach.move_to(env, self.points)
+        flip = self.rng.random(2) < 0.05
         self.grip[flip] = 1.0 - self.grip[flip]
-        action = np.zeros(JOINT_DIM)
-        for k in range(2):
-            action[8 * k: 8 * k + 7] = env.q[k] + self.drift[k]
-            action[8 * k + 7] = self.grip[k]
+        action[[7, 15]] = self.grip
         return action
 
 

@@ -1,0 +1,145 @@
+"""Training speed against the ResNet18 compute floor, sampler throughput and peak memory.
+
+    python benchmarks/bench_train.py --device cpu --steps 5
+    python benchmarks/bench_train.py --device cuda --batch_size 64 --image_size 84 --steps 20
+
+The floor is the least any correct design must do per step: one forward+backward of the
+three ResNet18 trunks on a batch of observations, one forward without gradients on a batch
+of next observations, and an Adam step. The real step is ``MultimodalLatent.train`` on the
+same batch size and image size (sampling, uint8->float, all heads, optimisers, target
+updates included). Floor and real step alternate, so machine noise hits both alike. The
+last line is ``step/floor ratio: X.XX``.
+"""
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from algos import algos_vae_multimodal as algos  # noqa: E402
+from algos import utils_multimodal as utils  # noqa: E402
+
+
+def synthetic_dataset(n_rows, image_size, joint_dim=16, episode_len=50, seed=0):
+    """An in-memory dataset of random uint8 images (no disk), episodes of ``episode_len``."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n_rows, 3, image_size, image_size, 3), dtype=np.uint8)
+    terminals = np.zeros(n_rows, bool)
+    terminals[episode_len - 1::episode_len] = True
+    terminals[-1] = True
+    return utils.OfflineDataset("synthetic", images, rng.normal(size=(n_rows, joint_dim)).astype(np.float32),
+                                rng.normal(size=(n_rows, joint_dim)).astype(np.float32),
+                                rng.random(n_rows).astype(np.float32), terminals, np.zeros(n_rows, bool), {}, [])
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Floor:
+    """Three trunks exactly as the encoder builds them, fed float images already on the device."""
+
+    def __init__(self, agent, batch_size, image_size):
+        device = agent.device
+        self.device, self.amp = device, agent.amp
+        self.trunks = torch.nn.ModuleList(algos.resnet18_trunk(agent.config["image_feature_dim"]) for _ in range(3))
+        self.trunks.to(device).to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.Adam(self.trunks.parameters(), lr=1e-4)
+        shape = (batch_size, 3, image_size, image_size)
+        self.obs = [torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last) for _ in range(3)]
+        self.next_obs = [torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last)
+                         for _ in range(3)]
+
+    def step(self):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            loss = sum(trunk(x).float().pow(2).mean() for trunk, x in zip(self.trunks, self.obs))
+            with torch.no_grad():
+                for trunk, x in zip(self.trunks, self.next_obs):
+                    trunk(x)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+def timed(fn, device):
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30, "max allocated (CUDA)"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "peak RSS"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=algos.default_device())
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--image_size", type=int, default=84)
+    p.add_argument("--steps", type=int, default=5, help="timed floor/real-step pairs (after 2 warm-up pairs)")
+    p.add_argument("--n_rows", type=int, default=5000, help="rows of the synthetic in-memory dataset")
+    p.add_argument("--sampler_batches", type=int, default=200)
+    p.add_argument("--no_amp", action="store_true", help="CUDA: float32 instead of bfloat16 autocast")
+    p.add_argument("--compile", action="store_true")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+
+    dataset = synthetic_dataset(args.n_rows, args.image_size)
+    storage = device if device.type == "cuda" else "cpu"
+    buffer = utils.MultimodalReplayBuffer(dataset, 0.9, seed=0, device=device, storage_device=storage)
+    del dataset
+    agent = algos.MultimodalLatent(replay_buffer=buffer, device=device, amp=not args.no_amp, compile=args.compile)
+    floor = Floor(agent, args.batch_size, args.image_size)
+
+    # sampler alone: obs and next obs, all three views, on the device, no model
+    for _ in range(5):
+        buffer.sample(args.batch_size)
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(args.sampler_batches):
+        batch = buffer.sample(args.batch_size)
+    sync(device)
+    sampler_rate = args.sampler_batches * args.batch_size / (time.perf_counter() - t)
+    del batch
+
+    floor_times, step_times = [], []
+    for i in range(args.steps + 2):
+        f = timed(floor.step, device)
+        s = timed(lambda: agent.train(1, args.batch_size), device)
+        if i >= 2:
+            floor_times.append(f)
+            step_times.append(s)
+        print(f"  pair {i + 1}/{args.steps + 2}: floor {f * 1e3:8.1f} ms   step {s * 1e3:8.1f} ms"
+              + ("   (warm-up)" if i < 2 else ""), flush=True)
+    floor_ms = statistics.median(floor_times) * 1e3
+    step_ms = statistics.median(step_times) * 1e3
+    peak, kind = peak_memory_gb(device)
+    data_gb = buffer.nbytes_images / 2 ** 30
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print()
+    print(f"device: {name}   batch {args.batch_size}   image {args.image_size}x{args.image_size}   "
+          f"amp {'bf16' if agent.amp else 'off'}   rows {args.n_rows}")
+    print(f"floor (3x ResNet18 fwd+bwd, next-obs fwd, Adam): {floor_ms:.1f} ms   (median of {args.steps})")
+    print(f"real MultimodalLatent.train step:                {step_ms:.1f} ms")
+    print(f"training throughput:                             {args.batch_size / step_ms * 1e3:.0f} samples/s")
+    print(f"sampler alone (obs + next obs, 3 views):         {sampler_rate:,.0f} samples/s")
+    print(f"dataset uint8 size:                              {data_gb:.3f} GB")
+    print(f"{kind}:{' ' * (49 - len(kind) - 1)}{peak:.3f} GB (dataset + {peak - data_gb:.3f} GB)")
+    print(f"step/floor ratio: {step_ms / floor_ms:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""LAPO versus behaviour cloning on the built-in simulator's mixed-quality data.
+
+    python benchmarks/lapo_vs_bc.py                      # 3 seeds each, 32x32 images, CPU
+    python benchmarks/lapo_vs_bc.py --seeds 0 --max_timesteps 1000   # a quick look
+
+Records a sample dataset (expert / confident-but-wrong operator / noisy play), trains
+LAPO and BC through main_multimodal.py with its default flags (only the budget, seed and
+output folder are set), then rolls every final model out on fresh seeds that training
+never evaluated on and prints the normalised score (0 = noisy play, 1 = expert) of each
+behaviour in the data, of BC and of LAPO: mean and spread over seeds.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from algos import algos_vae_multimodal as algos  # noqa: E402
+from algos import simulator  # noqa: E402
+from algos.utils_multimodal import IMAGE_KEYS  # noqa: E402
+
+FRESH_SEED_BASE = 2_000_000   # training evaluates on 1_000_000+; the data uses other seeds
+
+
+def run_jobs(commands, jobs, threads, log_dir):
+    """Run shell-free commands, ``jobs`` at a time, each on ``threads`` threads."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    pending, running, failed = list(commands), [], []
+    while pending or running:
+        while pending and len(running) < jobs:
+            name, cmd = pending.pop(0)
+            log = open(os.path.join(log_dir, f"{name}.log"), "w")
+            print(f"  start {name}: {' '.join(cmd)}", flush=True)
+            running.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), log))
+        time.sleep(2)
+        for item in list(running):
+            name, proc, log = item
+            if proc.poll() is not None:
+                log.close()
+                running.remove(item)
+                print(f"  done  {name} (exit {proc.returncode})", flush=True)
+                if proc.returncode != 0:
+                    failed.append(name)
+    return failed
+
+
+def evaluate(checkpoint, sim_name, sim_config, seeds):
+    agent = algos.MultimodalAgent.from_checkpoint(checkpoint, device="cpu")
+    envs = [simulator.make_simulator(sim_name, sim_config) for _ in seeds]
+
+    def act(obs):
+        return agent.select_action(*(np.stack([o[k] for o in obs]) for k in IMAGE_KEYS),
+                                   np.stack([o["joint"] for o in obs]))
+    returns, successes, _ = simulator.rollout(envs, act, seeds)
+    return float(returns.mean()), float(successes.mean())
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--n_samples", type=int, default=20000)
+    p.add_argument("--image_size", type=int, default=32)
+    p.add_argument("--data_seed", type=int, default=0)
+    p.add_argument("--max_timesteps", type=int, default=None,
+                   help="training budget for both algorithms (default: main_multimodal.py's)")
+    p.add_argument("--eval_freq", type=int, default=500)
+    p.add_argument("--eval_episodes", type=int, default=50, help="fresh rollout seeds per final model")
+    p.add_argument("--jobs", type=int, default=2, help="training runs at a time")
+    p.add_argument("--out", default=os.path.join(ROOT, "bench_out", "lapo_vs_bc"))
+    p.add_argument("--algos", nargs="+", default=["bc", "lapo"])
+    p.add_argument("--extra", default="", help="extra flags for main_multimodal.py (both algorithms)")
+    p.add_argument("--skip_training", action="store_true", help="only evaluate runs already in --out")
+    args = p.parse_args(argv)
+    t0 = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    data = os.path.join(args.out, f"sample_{args.image_size}px_{args.n_samples}_seed{args.data_seed}.hdf5")
+    if not os.path.exists(data):
+        subprocess.run([sys.executable, os.path.join(ROOT, "create_dataset.py"), "--create_sample", "--output", data,
+                        "--n_samples", str(args.n_samples), "--image_size", str(args.image_size),
+                        "--seed", str(args.data_seed)], check=True, cwd=ROOT)
+    import h5py
+    with h5py.File(data) as f:
+        sim_name, sim_config = simulator.simulator_from_attrs(dict(f.attrs))
+
+    results = os.path.join(args.out, "results")
+    budget = ["--max_timesteps", str(args.max_timesteps)] if args.max_timesteps else []
+    commands = []
+    for algo in args.algos:
+        for seed in args.seeds:
+            exp = f"{algo}_s{seed}"
+            cmd = [sys.executable, os.path.join(ROOT, "main_multimodal.py"), "--hdf5_path", data, "--algo", algo,
+                   "--device", "cpu", "--seed", str(seed), "--ExpID", exp, "--log_dir", results,
+                   "--eval_freq", str(args.eval_freq), "--overwrite", *budget, *args.extra.split()]
+            commands.append((exp, cmd))
+    t_train = time.time()
+    if not args.skip_training:
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        failed = run_jobs(commands, args.jobs, threads, args.out)
+        if failed:
+            sys.exit(f"training failed: {failed} (logs in {args.out})")
+    train_wall = time.time() - t_train
+
+    seeds = [FRESH_SEED_BASE + i for i in range(args.eval_episodes)]
+    refs = simulator.reference_returns(sim_name, sim_config, seeds, behaviours=("expert", "wrong", "noisy"))
+    score = lambda r: simulator.normalized_score(r, refs)  # noqa: E731
+    rows = [("expert (in data)", [1.0], [1.0], None), ("wrong operator (in data)", [score(refs["wrong"])], [0.0], None),
+            ("noisy play (in data)", [0.0], [0.0], None)]
+    per_run = {}
+    for algo in args.algos:
+        finals, succ, bests = [], [], []
+        for seed in args.seeds:
+            folder = os.path.join(results, f"Exp{algo}_s{seed}", "multimodal_robot")
+            ret, sr = evaluate(os.path.join(folder, "model_final.pth"), sim_name, sim_config, seeds)
+            bret, _ = evaluate(os.path.join(folder, "model_best.pth"), sim_name, sim_config, seeds)
+            finals.append(score(ret))
+            succ.append(sr)
+            bests.append(score(bret))
+            per_run[f"{algo}_s{seed}"] = {"final_score": score(ret), "final_success": sr, "best_score": score(bret)}
+        rows.append((algo.upper(), finals, succ, bests))
+
+    budget_text = args.max_timesteps or "main_multimodal.py default"
+    lines = [f"Command: python benchmarks/lapo_vs_bc.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip(),
+             f"Data: {args.n_samples} transitions, {args.image_size}x{args.image_size}, mix expert/wrong/noisy = 1/3 each "
+             f"(by episode); budget {budget_text} steps, batch 64; seeds {args.seeds}; "
+             f"{args.eval_episodes} fresh evaluation episodes per model",
+             f"Wall time: training {train_wall / 60:.1f} min ({args.jobs} runs at a time), total {(time.time() - t0) / 60:.1f} min",
+             "",
+             "| policy | normalised score, final model (mean ± std) | per seed | success rate | model_best (mean) |",
+             "|---|---|---|---|---|"]
+    for name, finals, succ, bests in rows:
+        spread = f" ± {np.std(finals):.2f}" if len(finals) > 1 else ""
+        lines.append(f"| {name} | {np.mean(finals):.2f}{spread} | {', '.join(f'{x:.2f}' for x in finals)} | "
+                     f"{np.mean(succ):.2f} | {'' if bests is None else f'{np.mean(bests):.2f}'} |")
+    table = "\n".join(lines)
+    print()
+    print(table)
+    with open(os.path.join(args.out, "lapo_vs_bc.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(args.out, "lapo_vs_bc.json"), "w") as f:
+        json.dump({"reference_returns": refs, "runs": per_run}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

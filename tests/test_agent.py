@@ -1,0 +1,171 @@
+"""The model and agent: inference, learning signals, checkpoints."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from algos import algos_vae_multimodal as algos
+from algos import utils_multimodal as utils
+from conftest import ENV, ROOT, write_dataset
+
+SMALL = dict(obs_feature_dim=32, image_feature_dim=16, device="cpu")
+
+
+def make_buffer(path, **kw):
+    return utils.MultimodalReplayBuffer(utils.load_dataset(path, progress=False), 0.8, seed=0, **kw)
+
+
+@pytest.fixture
+def lapo(tiny_dataset):
+    torch.manual_seed(0)
+    return algos.MultimodalLatent(replay_buffer=make_buffer(tiny_dataset), **SMALL)
+
+
+def raw_observation(rng, n, shape=(16, 16), joint_dim=16):
+    imgs = [rng.integers(0, 256, (n, *shape, 3), dtype=np.uint8) for _ in range(3)]
+    return imgs, rng.normal(size=(n, joint_dim)).astype(np.float32)
+
+
+def test_single_observation_matches_its_row_in_a_batch(lapo):
+    lapo.train(5, 8)   # trained weights, so normalisation layers hold real statistics
+    imgs, joint = raw_observation(np.random.default_rng(0), 6)
+    batch_actions = lapo.select_action(*imgs, joint)
+    assert batch_actions.shape == (6, 16) and batch_actions.dtype == np.float32
+    for i in (0, 3, 5):
+        single = lapo.select_action(imgs[0][i], imgs[1][i], imgs[2][i], joint[i])
+        assert single.shape == (16,)
+        np.testing.assert_allclose(single, batch_actions[i], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("relative", ["none", "all"])
+def test_select_action_returns_raw_units(tmp_path, relative):
+    """A decoder output of 0 (normalised) comes back as the mean action, or as the current
+    joint plus the mean change when actions are learned relative to the joints."""
+    joint = np.random.default_rng(0).normal(size=(60, 16)).astype(np.float32)
+    path = write_dataset(tmp_path / "d.hdf5", override={"observations/joint": joint, "actions": joint + 0.1})
+    buffer = make_buffer(path, relative_actions=relative)
+    agent = algos.MultimodalLatent(replay_buffer=buffer, **SMALL)
+    with torch.no_grad():
+        last = agent.actor_vae_target.decoder[-1]
+        last.weight.zero_()
+        last.bias.zero_()
+    imgs, obs_joint = raw_observation(np.random.default_rng(1), 1)
+    action = agent.select_action(imgs[0][0], imgs[1][0], imgs[2][0], obs_joint[0])
+    norm = buffer.normalization
+    expected = norm.action_mean + (obs_joint[0] if relative == "all" else 0)
+    np.testing.assert_allclose(action, expected, rtol=1e-5, atol=1e-5)
+    if relative == "all":
+        np.testing.assert_allclose(norm.action_mean, 0.1, atol=1e-5)
+
+
+def test_select_action_rejects_wrong_inputs(lapo):
+    imgs, joint = raw_observation(np.random.default_rng(0), 1, shape=(20, 16))
+    with pytest.raises(ValueError, match="left_image: shape"):
+        lapo.select_action(imgs[0][0], imgs[1][0], imgs[2][0], joint[0])
+    imgs, joint = raw_observation(np.random.default_rng(0), 1, joint_dim=7)
+    with pytest.raises(ValueError, match="joint: shape"):
+        lapo.select_action(imgs[0][0], imgs[1][0], imgs[2][0], joint[0])
+
+
+def test_train_returns_finite_mean_losses_and_counts_steps(lapo):
+    out = lapo.train(6, 8)
+    assert out["iterations"] == 6 and out["nonfinite"] is None and lapo.total_it == 6
+    for name in lapo.loss_names:
+        assert np.isfinite(out[name]), name
+    assert 0 <= out["positive_advantage_frac"] <= 1
+
+
+def test_critic_loss_falls_on_a_fixed_tiny_dataset(tmp_path):
+    path = write_dataset(tmp_path / "d.hdf5", n_rows=64, episode_len=8, image_shape=(8, 8))
+    torch.manual_seed(0)
+    agent = algos.MultimodalLatent(replay_buffer=make_buffer(path), critic_lr=1e-3, **SMALL)
+    first = agent.train(20, 16)["critic_loss"]
+    agent.train(100, 16)
+    last = agent.train(20, 16)["critic_loss"]
+    assert last < 0.5 * first, (first, last)
+
+
+def test_bc_loss_falls(tmp_path):
+    joint = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
+    path = write_dataset(tmp_path / "d.hdf5", n_rows=64, episode_len=8, image_shape=(8, 8),
+                         override={"observations/joint": joint, "actions": np.tanh(joint)})
+    torch.manual_seed(0)
+    agent = algos.MultimodalBC(replay_buffer=make_buffer(path), vae_lr=1e-3, **SMALL)
+    first = agent.train(10, 16)["bc_loss"]
+    agent.train(100, 16)
+    last = agent.train(10, 16)["bc_loss"]
+    assert last < 0.5 * first, (first, last)
+
+
+def test_encoder_gets_gradient_from_critic_and_cvae_but_not_actor(lapo):
+    """The design in the module docstring: one place decides what trains the encoder."""
+    batch = lapo.replay_buffer.sample(8)
+    before = [p.detach().clone() for p in lapo.encoder.parameters()]
+    lapo._train_step(batch)
+    moved = sum(not torch.equal(a, b) for a, b in zip(before, lapo.encoder.parameters()))
+    assert moved > 0.9 * len(before)
+    # the actor's loss alone leaves no gradient in the encoder: it sees detached features
+    lapo.encoder.zero_grad(set_to_none=True)
+    feature = lapo.encoder(batch.images, batch.joint)
+    actor_loss = -lapo.critic.q1(feature.detach(), lapo._policy_action(feature.detach())).mean()
+    actor_loss.backward()
+    assert all(p.grad is None for p in lapo.encoder.parameters())
+
+
+def test_save_load_in_a_new_process_gives_identical_actions(lapo, tmp_path):
+    lapo.train(3, 8)
+    lapo.save("model_best", str(tmp_path))
+    imgs, joint = raw_observation(np.random.default_rng(2), 3)
+    np.savez(tmp_path / "obs.npz", l=imgs[0], r=imgs[1], g=imgs[2], j=joint)
+    expected = lapo.select_action(*imgs, joint)
+    code = f"""
+import sys, numpy as np
+sys.path.insert(0, {ROOT!r})
+from algos import algos_vae_multimodal as algos
+o = np.load({str(tmp_path / 'obs.npz')!r})
+policy = algos.MultimodalLatent()
+policy.load('model_best', {str(tmp_path)!r})
+a = policy.select_action(o['l'], o['r'], o['g'], o['j'])
+b = algos.MultimodalLatent.from_checkpoint({str(tmp_path / 'model_best.pth')!r}).select_action(
+    o['l'][0], o['r'][0], o['g'][0], o['j'][0])
+np.save({str(tmp_path / 'a.npy')!r}, a); np.save({str(tmp_path / 'b.npy')!r}, b)
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, env=ENV, cwd=tmp_path)
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), expected)
+    np.testing.assert_allclose(np.load(tmp_path / "b.npy"), expected[0], rtol=1e-5, atol=1e-6)
+
+
+def test_load_restores_optimisers_targets_and_step(lapo, tmp_path):
+    lapo.train(4, 8)
+    lapo.save("model_4", str(tmp_path))
+    other = algos.MultimodalLatent(**SMALL)
+    other.load("model_4", str(tmp_path))
+    assert other.total_it == 4
+    for name, module in lapo._modules().items():
+        for (k, a), b in zip(module.state_dict().items(), other._modules()[name].state_dict().values()):
+            assert torch.equal(a, b), (name, k)
+    assert other.critic_optimizer.state_dict()["state"][0]["step"] == 4
+
+
+def test_from_checkpoint_refuses_the_wrong_algorithm(tiny_dataset, tmp_path):
+    bc = algos.MultimodalBC(replay_buffer=make_buffer(tiny_dataset), **SMALL)
+    path = bc.save("model_final", str(tmp_path))
+    with pytest.raises(algos.CheckpointError, match="MultimodalBC.from_checkpoint"):
+        algos.MultimodalLatent.from_checkpoint(path)
+    assert isinstance(algos.MultimodalAgent.from_checkpoint(path), algos.MultimodalBC)
+
+
+def test_pretrained_weights_load_from_a_local_file(tmp_path):
+    import torchvision
+    reference = torchvision.models.resnet18()
+    path = tmp_path / "resnet18_imagenet.pth"
+    torch.save(reference.state_dict(), path)
+    encoder = algos.ObservationEncoder(16, 16, 32, pretrained_weights=str(path))
+    assert torch.equal(encoder.trunks[1].conv1.weight, reference.conv1.weight)
+    assert torch.equal(encoder.trunks[0].layer1[0].bn1.weight, reference.layer1[0].bn1.weight)
+    bad = tmp_path / "bad.pth"
+    torch.save({"conv1.weight": torch.zeros(3)}, bad)
+    with pytest.raises(algos.CheckpointError, match="not a torchvision ResNet18"):
+        algos.ObservationEncoder(16, 16, 32, pretrained_weights=str(bad))

@@ -1,0 +1,290 @@
+"""Never lose a run: bad input, crashes, preemption and exact resume."""
+import csv
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import main_multimodal
+from algos import algos_vae_multimodal as algos
+from algos import utils_multimodal as utils
+from conftest import ENV, ROOT, TINY_TRAIN, run_cli, write_dataset
+
+
+def train_in_process(tmp_path, data, *extra, exp="bad"):
+    """main_multimodal.main in this process: returns (exit code, stdout, stderr)."""
+    return main_multimodal.main(["--hdf5_path", str(data), "--log_dir", str(tmp_path / "results"),
+                                 "--ExpID", exp, *TINY_TRAIN, "--max_timesteps", "2", "--eval_freq", "2",
+                                 *map(str, extra)])
+
+
+def assert_refused(tmp_path, capsys, code, *needles, exp="bad"):
+    out = capsys.readouterr()
+    assert code == main_multimodal.EXIT_BAD_INPUT, out.err
+    for needle in needles:
+        assert needle in out.err, (needle, out.err)
+    assert "Traceback" not in out.err + out.out
+    # nothing half-written: no experiment folder, no model, no progress
+    assert not os.path.exists(tmp_path / "results" / f"Exp{exp}"), os.listdir(tmp_path / "results")
+
+
+# --------------------------------------------------------------------------- bad input matrix
+def test_not_an_hdf5_file(tmp_path, capsys):
+    data = tmp_path / "data.hdf5"
+    data.write_text("hello")
+    assert_refused(tmp_path, capsys, train_in_process(tmp_path, data), str(data), "not an HDF5 file")
+
+
+def test_truncated_hdf5_file(tmp_path, capsys):
+    good = write_dataset(tmp_path / "good.hdf5", n_rows=300)
+    data = tmp_path / "cut.hdf5"
+    data.write_bytes(good.read_bytes()[: good.stat().st_size * 2 // 3])
+    assert_refused(tmp_path, capsys, train_in_process(tmp_path, data), str(data), "truncated or corrupt")
+
+
+@pytest.mark.parametrize("key", utils.REQUIRED_KEYS)
+def test_each_required_key_missing(tmp_path, capsys, key):
+    data = write_dataset(tmp_path / "d.hdf5", skip=(key,))
+    assert_refused(tmp_path, capsys, train_in_process(tmp_path, data), str(data), f"{key}: missing")
+
+
+@pytest.mark.parametrize("override, needle", [
+    ({"observations/left_image": np.zeros((60, 16, 16, 3), np.float32)}, "observations/left_image: dtype float32"),
+    ({"observations/right_image": np.zeros((60, 16, 16), np.uint8)}, "observations/right_image: rank 3"),
+    ({"observations/global_image": np.zeros((60, 16, 16, 1), np.uint8)}, "observations/global_image: 1 channels"),
+    ({"observations/global_image": np.zeros((60, 8, 16, 3), np.uint8)}, "the three views differ in size"),
+    ({"actions": np.zeros((59, 16), np.float32)}, "row counts disagree"),
+])
+def test_bad_images_and_row_counts(tmp_path, capsys, override, needle):
+    data = write_dataset(tmp_path / "d.hdf5", override=override)
+    assert_refused(tmp_path, capsys, train_in_process(tmp_path, data), str(data), needle)
+
+
+@pytest.mark.parametrize("key", ["observations/joint", "actions", "rewards"])
+@pytest.mark.parametrize("bad", [np.nan, -np.inf])
+def test_nan_or_inf_in_float_data(tmp_path, capsys, key, bad):
+    data = write_dataset(tmp_path / "d.hdf5")
+    with h5py.File(data, "r+") as f:
+        values = f[key][:]
+        values[11] = bad
+        f[key][...] = values
+    assert_refused(tmp_path, capsys, train_in_process(tmp_path, data), str(data), f"{key}: contains NaN or Inf",
+                   "row 11")
+
+
+def test_empty_file(tmp_path, capsys):
+    data = tmp_path / "empty.hdf5"
+    h5py.File(data, "w").close()
+    assert_refused(tmp_path, capsys, train_in_process(tmp_path, data), str(data), "empty")
+
+
+def test_last_row_ending_no_episode_is_fixed_up_and_said(tmp_path, capsys):
+    terminals = np.zeros(60, bool)
+    terminals[[9, 19, 29, 39]] = True
+    data = write_dataset(tmp_path / "d.hdf5", timeouts=False, override={"terminals": terminals})
+    code = train_in_process(tmp_path, data, exp="fix")
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "last row ends no episode" in out.out and "treated as a timeout" in out.out
+
+
+def test_fewer_episodes_than_the_split_needs(tmp_path, capsys):
+    data = write_dataset(tmp_path / "d.hdf5", n_rows=20, episode_len=20)
+    assert_refused(tmp_path, capsys, train_in_process(tmp_path, data), str(data), "1 episode(s)", "at least 2")
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--expectile", "1.0"], "--expectile must be in (0, 1)"),
+    (["--expectile", "0"], "--expectile must be in (0, 1)"),
+    (["--max_timesteps", "0"], "--max_timesteps must be a positive integer"),
+    (["--max_timesteps", "-5"], "--max_timesteps must be a positive integer"),
+    (["--eval_freq", "0"], "--eval_freq must be a positive integer"),
+    (["--train_test_split", "1.5"], "--train_test_split must be in (0, 1)"),
+    (["--batch_size", "5000"], "--batch_size 5000 is larger than the training split"),
+    (["--load_model", "777"], "no checkpoint model_777.pth"),
+])
+def test_flags_out_of_range(tmp_path, capsys, tiny_dataset, flags, needle):
+    assert_refused(tmp_path, capsys, train_in_process(tmp_path, tiny_dataset, *flags), needle)
+
+
+def test_bad_input_exits_non_zero_without_traceback_in_a_real_process(tmp_path):
+    data = write_dataset(tmp_path / "d.hdf5", skip=("observations/joint",))
+    res = run_cli("main_multimodal.py", "--hdf5_path", data, "--log_dir", tmp_path / "results", "--ExpID", "p",
+                  *TINY_TRAIN, cwd=tmp_path)
+    assert res.returncode == 2
+    assert f"{data}" in res.stderr and "observations/joint: missing" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_resuming_with_a_dataset_of_another_width(tmp_path, capsys):
+    data16 = write_dataset(tmp_path / "d16.hdf5")
+    assert train_in_process(tmp_path, data16, exp="w16") == 0
+    capsys.readouterr()
+    data14 = write_dataset(tmp_path / "d14.hdf5", joint_dim=14, action_dim=14)
+    code = train_in_process(tmp_path, data14, "--max_timesteps", "4", "--load_model", "w16:2", exp="w14")
+    assert_refused(tmp_path, capsys, code, "model_2.pth does not fit", "joint_dim 16 in the checkpoint, 14 in the dataset",
+                   exp="w14")
+
+
+# --------------------------------------------------------------------------- atomic outputs
+def test_a_failed_save_leaves_no_model_file(tmp_path, monkeypatch, tiny_dataset):
+    buffer = utils.MultimodalReplayBuffer(utils.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
+    agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu")
+
+    def dying_save(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("No space left on device")
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError, match="No space left"):
+        agent.save("model_10", str(tmp_path))
+    assert os.listdir(tmp_path) == ["tiny.hdf5"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_checkpoints_raise_a_clear_error(tmp_path, tiny_dataset, damage, capsys):
+    assert train_in_process(tmp_path, tiny_dataset, "--save_freq", "2", exp="c") == 0
+    folder = tmp_path / "results" / "Expc" / "multimodal_robot"
+    path = folder / "model_2.pth"
+    blob = path.read_bytes()
+    path.write_bytes({"truncate": blob[: len(blob) // 2], "garbage": b"\x00" * 1000, "empty": b""}[damage])
+    for call in (lambda: algos.MultimodalLatent.from_checkpoint(path),
+                 lambda: algos.MultimodalLatent().load("model_2", str(folder))):
+        with pytest.raises(algos.CheckpointError, match=str(path).replace(".", r"\.")):
+            call()
+    capsys.readouterr()
+    code = train_in_process(tmp_path, tiny_dataset, "--max_timesteps", "4", "--load_model", "c:2", exp="c2")
+    assert_refused(tmp_path, capsys, code, str(path), exp="c2")
+
+
+def wait_for(predicate, timeout=120):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def start_training(tmp_path, data, exp, *extra):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "main_multimodal.py"), "--hdf5_path", str(data),
+                             "--log_dir", str(tmp_path / "results"), "--ExpID", exp, *TINY_TRAIN, *map(str, extra)],
+                            cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def progress_steps(folder):
+    path = os.path.join(folder, "progress.csv")
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return [int(r["steps"]) for r in csv.DictReader(f)]
+
+
+def test_repeated_sigkill_never_leaves_a_broken_checkpoint(tmp_path, tiny_dataset):
+    folder = tmp_path / "results" / "Expk" / "multimodal_robot"
+    rng = np.random.default_rng(0)
+    for attempt in range(3):
+        extra = ["--max_timesteps", 100000, "--save_freq", 2, "--eval_freq", 2]
+        proc = start_training(tmp_path, tiny_dataset, "k", *extra, *(["--resume"] if attempt else []))
+        n_before = len(glob.glob(str(folder / "model_*.pth")))
+        assert wait_for(lambda: len(glob.glob(str(folder / "model_*.pth"))) >= n_before + 2), proc.stderr.read() if proc.poll() is not None else ""
+        time.sleep(rng.uniform(0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    paths = glob.glob(str(folder / "model_*.pth"))
+    assert len(paths) >= 6
+    for path in paths:
+        algos.MultimodalLatent.from_checkpoint(path)   # raises if any is incomplete
+    steps = progress_steps(folder)
+    assert steps == sorted(set(steps)), steps   # resume dropped rows past its checkpoint: no repeats
+
+
+# --------------------------------------------------------------------------- interruption
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_and_resume_continues_the_log(tmp_path, tiny_dataset, sig):
+    folder = tmp_path / "results" / "Exps" / "multimodal_robot"
+    proc = start_training(tmp_path, tiny_dataset, "s", "--max_timesteps", 100000, "--eval_freq", 3)
+    assert wait_for(lambda: len(progress_steps(folder)) >= 2)
+    t0 = time.time()
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert time.time() - t0 < 30
+    assert proc.returncode == 128 + sig, err
+    stopped_at = progress_steps(folder)[-1]
+    assert os.path.exists(folder / f"model_{stopped_at}.pth")
+    assert "--resume" in out and "Resume with" in out
+    res = run_cli("main_multimodal.py", "--hdf5_path", tiny_dataset, "--log_dir", tmp_path / "results", "--ExpID", "s",
+                  *TINY_TRAIN, "--max_timesteps", stopped_at + 7, "--eval_freq", 3, "--resume", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    steps = progress_steps(folder)
+    assert steps == sorted(set(steps)) and steps[-1] == stopped_at + 7
+    assert all(b - a <= 3 for a, b in zip(steps, steps[1:])), steps    # no gap
+    assert algos.read_checkpoint(folder / "model_final.pth")["total_it"] == stopped_at + 7
+
+
+# --------------------------------------------------------------------------- exact resume
+def final_params(folder):
+    return algos.read_checkpoint(os.path.join(folder, "model_final.pth"))["networks"]
+
+
+@pytest.mark.parametrize("how", ["--resume", "--load_model"])
+def test_exact_resume_is_bit_identical(tmp_path, sim_dataset, how):
+    common = ["--seed", 7, "--eval_freq", 3, "--save_freq", 3]
+    one = run_cli("main_multimodal.py", "--hdf5_path", sim_dataset, "--log_dir", tmp_path / "results", "--ExpID",
+                  "one", *TINY_TRAIN, *common, "--max_timesteps", 12, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    first = run_cli("main_multimodal.py", "--hdf5_path", sim_dataset, "--log_dir", tmp_path / "results", "--ExpID",
+                    "two", *TINY_TRAIN, *common, "--max_timesteps", 6, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    resume = ["--resume"] if how == "--resume" else ["--load_model", 6]
+    second = run_cli("main_multimodal.py", "--hdf5_path", sim_dataset, "--log_dir", tmp_path / "results", "--ExpID",
+                     "two", *TINY_TRAIN, *common, "--max_timesteps", 12, *resume, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    a = final_params(tmp_path / "results" / "Expone" / "multimodal_robot")
+    b = final_params(tmp_path / "results" / "Exptwo" / "multimodal_robot")
+    for net in a:
+        for key in a[net]:
+            assert torch.equal(a[net][key], b[net][key]), (net, key)
+    assert progress_steps(tmp_path / "results" / "Exptwo" / "multimodal_robot") == [3, 6, 9, 12]
+
+
+# --------------------------------------------------------------------------- numerical faults
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_dataset):
+    res = run_cli("main_multimodal.py", "--hdf5_path", tiny_dataset, "--log_dir", tmp_path / "results", "--ExpID",
+                  "nan", *TINY_TRAIN, "--max_timesteps", 400, "--eval_freq", 2, "--save_freq", 2,
+                  "--critic_lr", 1e30, "--encoder_lr", 1e30, cwd=tmp_path)
+    assert res.returncode == main_multimodal.EXIT_NONFINITE, res.stderr[-2000:]
+    assert "became NaN/Inf at step" in res.stderr and "Traceback" not in res.stderr
+    folder = tmp_path / "results" / "Expnan" / "multimodal_robot"
+    assert not os.path.exists(folder / "model_final.pth")
+    for path in glob.glob(str(folder / "model_*.pth")):
+        ckpt = algos.read_checkpoint(path)
+        for state in ckpt["networks"].values():
+            assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), path
+
+
+def test_value_targets_are_clamped(tiny_dataset):
+    buffer = utils.MultimodalReplayBuffer(utils.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
+    agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu")
+    with torch.no_grad():
+        for net in (agent.critic_target.v_net, agent.critic_target.q1_net, agent.critic_target.q2_net):
+            net[-1].bias.fill_(1e6)
+        feature = torch.zeros(5, 32)
+        target_Q, target_V = agent._critic_targets(feature, feature, torch.ones(5, 1), torch.ones(5, 1))
+    assert (target_Q == agent.max_v).all() and (target_V == agent.max_v).all()
+
+
+# --------------------------------------------------------------------------- no clobbering
+def test_two_exp_ids_never_share_files(tmp_path, tiny_dataset):
+    for exp in ("p", "q"):
+        assert train_in_process(tmp_path, tiny_dataset, exp=exp) == 0
+    p = set(os.listdir(tmp_path / "results" / "Expp" / "multimodal_robot"))
+    q = set(os.listdir(tmp_path / "results" / "Expq" / "multimodal_robot"))
+    assert p == q and "progress.csv" in p
+    assert sorted(os.listdir(tmp_path / "results")) == ["Expp", "Expq"]

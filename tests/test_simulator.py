@@ -1,0 +1,167 @@
+"""The built-in simulator, its sample data, and evaluation by real rollouts."""
+import csv
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from algos import algos_vae_multimodal as algos
+from algos import simulator
+from algos import utils_multimodal as utils
+from conftest import TINY_TRAIN, run_cli
+
+
+def test_interface_shapes_and_episode_end():
+    env = simulator.DualArmReach(image_size=(24, 40), max_steps=5)
+    obs = env.reset(seed=3)
+    for key in utils.IMAGE_KEYS:
+        assert obs[key].shape == (24, 40, 3) and obs[key].dtype == np.uint8
+    assert obs["joint"].shape == (16,) and obs["joint"].dtype == np.float32
+    for t in range(5):
+        obs, reward, terminated, truncated, info = env.step(obs["joint"].copy())   # hold still
+        assert np.isfinite(reward) and not terminated
+    assert truncated and not info["success"]
+
+
+def test_joints_move_toward_targets_at_bounded_speed():
+    env = simulator.DualArmReach(image_size=16)
+    obs = env.reset(seed=0)
+    target = obs["joint"] + 1.0
+    obs2, *_ = env.step(target)
+    moved = obs2["joint"] - obs["joint"]
+    assert np.allclose(moved[[0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14]], simulator.JOINT_SPEED, atol=1e-5)
+    assert np.allclose(moved[[7, 15]], simulator.GRIPPER_SPEED, atol=1e-5)
+    obs3, *_ = env.step(obs2["joint"] + 0.01)
+    assert np.allclose(obs3["joint"] - obs2["joint"], 0.01, atol=1e-5)
+
+
+def test_goal_is_visible_in_the_global_view_but_absent_from_the_joint_vector():
+    a = simulator.DualArmReach(image_size=32)
+    b = simulator.DualArmReach(image_size=32)
+    a.reset(seed=1)
+    b.reset(seed=2)
+    b.q, b.gripper = a.q.copy(), a.gripper.copy()   # same robot state, other box positions
+    b._update_kinematics()
+    oa, ob = a.observation(), b.observation()
+    np.testing.assert_array_equal(oa["joint"], ob["joint"])
+    assert not np.array_equal(oa["global_image"], ob["global_image"])
+    # the red goal box is drawn where it is: its centre pixel is red in the global view
+    col = int((a.goal[0] + 1) / 2 * 32)
+    row = int(32 - 1 - (a.goal[1] + 1) / 2 * 32)
+    r, g, bl = oa["global_image"][row, col].astype(int)
+    assert r > 150 and g < 100 and bl < 100
+
+
+def test_scripted_behaviours_are_distinct_modes():
+    seeds = list(range(8))
+    refs = simulator.reference_returns("dual_arm_reach", {"image_size": [16, 16]}, seeds,
+                                       behaviours=("expert", "wrong", "noisy"))
+    assert refs["expert"] > refs["wrong"] > refs["noisy"]
+    env = simulator.DualArmReach(image_size=16)
+    env.reset(seed=5)
+    expert = env.reference_policy("expert", 0)(env)
+    wrong = env.reference_policy("wrong", 0)(env)
+    # same state, different intentions: the two operators move the arms apart
+    assert np.abs(expert - wrong)[:7].max() > 0.05
+
+
+def test_expert_solves_and_wrong_operator_never_does():
+    env = simulator.DualArmReach(image_size=16)
+    for behaviour, expected in (("expert", True), ("wrong", False)):
+        for seed in range(5):
+            env.reset(seed=seed)
+            op = env.reference_policy(behaviour, seed)
+            done = False
+            while not done:
+                _, _, terminated, truncated, info = env.step(op(env))
+                done = terminated or truncated
+            assert info["success"] == expected, (behaviour, seed)
+
+
+def test_sample_data_contains_its_modes_and_names_its_simulator(sim_dataset):
+    with h5py.File(sim_dataset) as f:
+        attrs = dict(f.attrs)
+        behaviour = f["behaviour"][:]
+        terminals, timeouts = f["terminals"][:], f["timeouts"][:]
+    assert attrs["simulator"] == "dual_arm_reach"
+    assert json.loads(attrs["simulator_config"])["image_size"] == [16, 16]
+    names = json.loads(attrs["behaviour_names"])
+    episodes = utils.episode_ranges(terminals, timeouts)
+    by_behaviour = {}
+    for start, stop in episodes:
+        by_behaviour.setdefault(names[behaviour[start]], []).append((start, stop))
+        assert len(set(behaviour[start:stop])) == 1
+    assert set(by_behaviour) == {"expert", "wrong", "noisy"}
+    counts = [len(v) for v in by_behaviour.values()]
+    assert max(counts) - min(counts) <= 1   # the default mix: a third of the episodes each
+    # expert episodes end in success (a terminal), the wrong operator's never do
+    assert all(terminals[stop - 1] for start, stop in by_behaviour["expert"][:-1])
+    assert not any(terminals[start:stop].any() for start, stop in by_behaviour["wrong"])
+
+
+def test_mix_flag_sets_the_share_of_episodes(tmp_path):
+    path = tmp_path / "m.hdf5"
+    info = simulator.create_sample_dataset(path, n_samples=400, image_size=(16, 16),
+                                           mix=simulator.parse_mix("expert=0.75,noisy=0.25"), progress=False)
+    counts = info["episodes_per_behaviour"]
+    assert set(counts) == {"expert", "noisy"}
+    assert abs(counts["expert"] / info["episodes"] - 0.75) < 0.1
+    with pytest.raises(ValueError, match="bad --mix entry"):
+        simulator.parse_mix("expert=0.5,robot=0.5")
+
+
+def test_plug_in_simulator_by_import_path():
+    env = simulator.make_simulator("algos.simulator:DualArmReach", {"image_size": [8, 8]})
+    assert env.reset(seed=0)["global_image"].shape == (8, 8, 3)
+    with pytest.raises(ValueError, match="unknown simulator"):
+        simulator.make_simulator("no_such_sim")
+
+
+def test_eval_run_writes_real_returns(tmp_path, sim_dataset):
+    res = run_cli("main_multimodal.py", "--hdf5_path", sim_dataset, "--log_dir", tmp_path / "results",
+                  "--ExpID", "sim", *TINY_TRAIN, "--max_timesteps", 4, "--eval_freq", 2, "--eval_episodes", 3,
+                  cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    folder = tmp_path / "results" / "Expsim" / "multimodal_robot"
+    with open(folder / "progress.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    params = json.loads((folder / "params.json").read_text())
+    assert params["best_model_criterion"]["metric"] == "NormalizedScore"
+    refs = params["simulator"]["reference_returns"]
+    assert refs["expert"] > refs["noisy"]
+    # the last row's return is what model_final really does on the evaluation seeds
+    agent = algos.MultimodalLatent.from_checkpoint(folder / "model_final.pth")
+    seeds = params["simulator"]["eval_seeds"]
+    envs = [simulator.make_simulator("dual_arm_reach", params["simulator"]["config"]) for _ in seeds]
+    returns, _, _ = simulator.rollout(envs, lambda obs: agent.select_action(
+        *(np.stack([o[k] for o in obs]) for k in utils.IMAGE_KEYS), np.stack([o["joint"] for o in obs])), seeds)
+    last = rows[-1]
+    assert float(last["AverageReturn"]) == pytest.approx(returns.mean(), rel=1e-4, abs=1e-4)
+    assert float(last["StdReturn"]) == pytest.approx(returns.std(), rel=1e-4, abs=1e-4)
+    expected_score = (returns.mean() - refs["noisy"]) / (refs["expert"] - refs["noisy"])
+    assert float(last["NormalizedScore"]) == pytest.approx(expected_score, rel=1e-4, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_short_lapo_run_improves_over_its_untrained_self(tmp_path):
+    """LAPO on a tiny expert-heavy task: after a few hundred steps it beats its initial policy."""
+    path = tmp_path / "easy.hdf5"
+    simulator.create_sample_dataset(path, n_samples=3000, image_size=(16, 16), seed=3,
+                                    mix={"expert": 0.8, "noisy": 0.2}, progress=False)
+    torch.manual_seed(0)
+    buffer = utils.MultimodalReplayBuffer(utils.load_dataset(path, progress=False), 0.9, seed=0)
+    agent = algos.MultimodalLatent(replay_buffer=buffer, device="cpu")
+    seeds = list(range(100, 110))
+    envs = [simulator.DualArmReach(image_size=16) for _ in seeds]
+
+    def score():
+        returns, _, _ = simulator.rollout(envs, lambda obs: agent.select_action(
+            *(np.stack([o[k] for o in obs]) for k in utils.IMAGE_KEYS), np.stack([o["joint"] for o in obs])), seeds)
+        return returns.mean()
+    before = score()
+    agent.train(400, 32)
+    after = score()
+    assert after > before + 0.3, (before, after)
