@@ -63,12 +63,13 @@ def build_parser():
     a("--train_test_split", type=float, default=0.8, help="fraction of episodes used for training, in (0, 1)")
     a("--vae_lr", type=float, default=2e-4, help="CVAE learning rate (also the BC head's)")
     a("--actor_lr", type=float, default=2e-4, help="latent actor learning rate")
-    a("--critic_lr", type=float, default=2e-4, help="critic (Q1, Q2, V) learning rate")
+    a("--critic_lr", type=float, default=1e-3, help="critic (Q1, Q2, V) learning rate")
     a("--encoder_lr", type=float, default=3e-4, help="image/joint encoder learning rate")
-    a("--max_latent_action", type=float, default=2.0, help="bound of the latent policy (tanh x this)")
+    a("--max_latent_action", type=float, default=0.5, help="bound of the latent policy (tanh x this)")
     a("--doubleq_min", type=float, default=1.0, help="weight of min(Q1, Q2) in the V target, in [0, 1]")
     a("--no_noise", action="store_true", help="no clipped noise on the target latent action")
-    a("--encoder_losses", default="critic+vae", choices=("critic", "critic+vae", "balanced"))
+    a("--encoder_losses", default="critic+vae", choices=("critic", "critic+vae"),
+      help="losses whose gradients train the shared encoder (default: critic+vae)")
     a("--image_shift", type=int, default=0, help="random-shift augmentation of training images, in pixels")
     a("--relative_actions", default="auto", choices=("auto", "all", "none"),
       help="learn joint-target action dims as the change from the current joint (auto: where the data "
@@ -373,8 +374,8 @@ def run(argv):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
+    created_folder = not os.path.isdir(experiment_dir(args.log_dir, args.ExpID))
     folder, ckpt_path = prepare_experiment(args)
-    created_folder = ckpt_path is None
     try:
         return train(args, argv, folder, ckpt_path, device)
     except BaseException:
@@ -516,7 +517,8 @@ def train(args, argv, folder, ckpt_path, device):
                 loss_sums[k] = loss_sums.get(k, 0.0) + out[k] * out["iterations"]
         loss_steps += out["iterations"]
         interrupted = stop()
-        if step % args.eval_freq == 0 or step >= args.max_timesteps or interrupted:
+        already_logged = last_row is not None and last_row["steps"] == step   # a stop right after a row
+        if (step % args.eval_freq == 0 or step >= args.max_timesteps or interrupted) and not already_logged:
             now = time.time()
             row = {"steps": step}
             row["steps_per_s"] = (step - steps_row) / max(now - t_row, 1e-9)

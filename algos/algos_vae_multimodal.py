@@ -533,8 +533,8 @@ class MultimodalLatent(MultimodalAgent):
     def __init__(self, joint_dim=16, action_dim=16, image_shape=(84, 84), normalization=None,
                  replay_buffer=None, device=None, obs_feature_dim=256, image_feature_dim=128,
                  encoder_lr=3e-4, pretrained_weights=None, amp=True, channels_last=True, compile=False,
-                 discount=0.99, tau=0.005, vae_lr=2e-4, actor_lr=2e-4, critic_lr=2e-4, latent_dim=None,
-                 max_latent_action=2.0, expectile=0.9, kl_beta=1.0, no_noise=False, doubleq_min=1.0,
+                 discount=0.99, tau=0.005, vae_lr=2e-4, actor_lr=2e-4, critic_lr=1e-3, latent_dim=None,
+                 max_latent_action=0.5, expectile=0.9, kl_beta=1.0, no_noise=False, doubleq_min=1.0,
                  encoder_losses="critic+vae", image_shift=0):
         super().__init__(joint_dim, action_dim, image_shape, normalization, replay_buffer, device,
                          obs_feature_dim, image_feature_dim, encoder_lr, pretrained_weights, amp,
@@ -630,9 +630,6 @@ class MultimodalLatent(MultimodalAgent):
         self.critic_optimizer.zero_grad(set_to_none=True)
         critic_loss.backward()
         self.critic_optimizer.step()
-        critic_feature_grad = None
-        if self.encoder_losses == "balanced" and feature.grad is not None:
-            critic_feature_grad, feature.grad = feature.grad, None
 
         # ---- advantage-weighted CVAE (advantage from the critic after its step)
         with torch.no_grad():
@@ -645,10 +642,6 @@ class MultimodalLatent(MultimodalAgent):
         self.actor_vae_optimizer.zero_grad(set_to_none=True)
         vae_loss.backward()
         self.actor_vae_optimizer.step()
-        if critic_feature_grad is not None:
-            vae_grad = feature.grad
-            feature.grad = (critic_feature_grad / (critic_feature_grad.norm() + 1e-8)
-                            + vae_grad / (vae_grad.norm() + 1e-8))
 
         # ---- latent actor: maximise Q1 through the target decoder, on detached features
         actor_loss = -self.critic.q1(state, self._policy_action(state)).mean()

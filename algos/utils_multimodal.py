@@ -423,7 +423,7 @@ class Normalization:
                 relative[:] = 1
             else:
                 relative[:] = (actions - joint).std(0) < RELATIVE_ACTION_RATIO * actions.std(0)
-        target = actions - relative * joint
+        target = actions - relative * joint if relative.any() else actions   # widths may differ
         reward_scale = float(np.max(np.abs(rewards))) if len(rewards) else 1.0
         reward_scale = reward_scale if reward_scale > 0 else 1.0
         scaled = rewards / reward_scale
@@ -435,13 +435,17 @@ class Normalization:
     def normalize_joint(self, joint):
         return (joint - self.joint_mean) / self.joint_std
 
+    def _relative_part(self, joint):
+        # dims learned relative to the joint; none (and no broadcasting) when widths differ
+        return self.action_relative * joint if self.action_relative.any() else 0.0
+
     def normalize_action(self, action, joint):
         """Raw action -> network units, given the raw joint vector it was taken at."""
-        return (action - self.action_relative * joint - self.action_mean) / self.action_std
+        return (action - self._relative_part(joint) - self.action_mean) / self.action_std
 
     def unnormalize_action(self, action, joint):
         """Network units -> raw action, given the raw joint vector."""
-        return action * self.action_std + self.action_mean + self.action_relative * joint
+        return action * self.action_std + self.action_mean + self._relative_part(joint)
 
     def state_dict(self):
         return {k: (torch.as_tensor(np.asarray(v, np.float32)) if isinstance(v, np.ndarray) else float(v))

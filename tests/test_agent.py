@@ -96,7 +96,7 @@ def test_bc_loss_falls(tmp_path):
     first = agent.train(10, 16)["bc_loss"]
     agent.train(100, 16)
     last = agent.train(10, 16)["bc_loss"]
-    assert last < 0.5 * first, (first, last)
+    assert last < 0.7 * first, (first, last)
 
 
 def test_encoder_gets_gradient_from_critic_and_cvae_but_not_actor(lapo):

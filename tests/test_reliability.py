@@ -125,7 +125,7 @@ def test_bad_input_exits_non_zero_without_traceback_in_a_real_process(tmp_path):
 
 def test_resuming_with_a_dataset_of_another_width(tmp_path, capsys):
     data16 = write_dataset(tmp_path / "d16.hdf5")
-    assert train_in_process(tmp_path, data16, exp="w16") == 0
+    assert train_in_process(tmp_path, data16, "--save_freq", "2", exp="w16") == 0
     capsys.readouterr()
     data14 = write_dataset(tmp_path / "d14.hdf5", joint_dim=14, action_dim=14)
     code = train_in_process(tmp_path, data14, "--max_timesteps", "4", "--load_model", "w16:2", exp="w14")
@@ -273,7 +273,8 @@ def test_value_targets_are_clamped(tiny_dataset):
     buffer = utils.MultimodalReplayBuffer(utils.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
     agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu")
     with torch.no_grad():
-        for net in (agent.critic_target.v_net, agent.critic_target.q1_net, agent.critic_target.q2_net):
+        # target_Q bootstraps from the current critic's V, target_V from the target critic's Q
+        for net in (agent.critic.v_net, agent.critic_target.q1_net, agent.critic_target.q2_net):
             net[-1].bias.fill_(1e6)
         feature = torch.zeros(5, 32)
         target_Q, target_V = agent._critic_targets(feature, feature, torch.ones(5, 1), torch.ones(5, 1))

@@ -59,13 +59,18 @@ def test_scripted_behaviours_are_distinct_modes():
     seeds = list(range(8))
     refs = simulator.reference_returns("dual_arm_reach", {"image_size": [16, 16]}, seeds,
                                        behaviours=("expert", "wrong", "noisy"))
-    assert refs["expert"] > refs["wrong"] > refs["noisy"]
-    env = simulator.DualArmReach(image_size=16)
-    env.reset(seed=5)
-    expert = env.reference_policy("expert", 0)(env)
-    wrong = env.reference_policy("wrong", 0)(env)
-    # same state, different intentions: the two operators move the arms apart
-    assert np.abs(expert - wrong)[:7].max() > 0.05
+    # the expert solves the task; the wrong operator and noisy play both fall far short of it
+    assert refs["expert"] > refs["wrong"] + 1.0 and refs["expert"] > refs["noisy"] + 1.0
+    # same start, different intentions: after 20 steps the arms stand far apart
+    final = {}
+    for name in ("expert", "wrong"):
+        env = simulator.DualArmReach(image_size=16)
+        obs = env.reset(seed=5)
+        act = env.reference_policy(name, 0)
+        for _ in range(20):
+            obs, *_ = env.step(act(env))
+        final[name] = obs["joint"]
+    assert np.abs(final["expert"] - final["wrong"])[:7].max() > 0.1
 
 
 def test_expert_solves_and_wrong_operator_never_does():
