@@ -84,7 +84,9 @@ def build_parser():
     a("--simulator", default=None,
       help="simulator for rollout evaluation: a registered name or package.module:Class "
            "(default: the one named in the dataset's attributes; 'none' to disable)")
-    a("--no_amp", action="store_true", help="CUDA: train in float32 instead of bfloat16 autocast")
+    a("--amp", default="auto", choices=("auto", "bf16", "off"),
+      help="bfloat16 autocast of the encoder. auto: on CUDA only (CPU stays float32, so resume is "
+           "bit-exact); bf16: also on CPUs with native bf16 (about 1.5x faster); off: float32")
     a("--data_on_device", default="auto", choices=("auto", "yes", "no"),
       help="CUDA: keep the uint8 dataset in GPU memory (auto: when it fits)")
     a("--compile", action="store_true", help="torch.compile the encoder")
@@ -413,7 +415,7 @@ def train(args, argv, folder, ckpt_path, device):
 
     agent_kwargs = dict(replay_buffer=buffer, device=device, obs_feature_dim=args.obs_feature_dim,
                         image_feature_dim=args.image_feature_dim, encoder_lr=args.encoder_lr,
-                        pretrained_weights=args.pretrained_weights, amp=not args.no_amp, compile=args.compile,
+                        pretrained_weights=args.pretrained_weights, amp=args.amp, compile=args.compile,
                         discount=args.discount, tau=args.tau, vae_lr=args.vae_lr, actor_lr=args.actor_lr,
                         critic_lr=args.critic_lr, max_latent_action=args.max_latent_action,
                         expectile=args.expectile, kl_beta=args.kl_beta, no_noise=args.no_noise,

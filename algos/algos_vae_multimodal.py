@@ -46,6 +46,24 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def use_bf16(amp, device):
+    """Whether the encoder runs under bf16 autocast. ``amp``: "auto" (bf16 on CUDA; float32 on
+    the CPU, where oneDNN's bf16 kernels are not bit-reproducible run to run and exact resume
+    needs them to be), "bf16" (also on CPUs with native bf16, AVX512-BF16 or AMX: about 1.5x
+    faster at 84x84), "off" (float32). True/False mean "auto"/"off"."""
+    amp = {True: "auto", False: "off"}.get(amp, amp)
+    if amp not in ("auto", "bf16", "off"):
+        raise ValueError(f"amp must be auto, bf16 or off, got {amp!r}")
+    device = torch.device(device)
+    if amp == "off":
+        return False
+    if device.type == "cuda":
+        return True
+    cpu = getattr(torch, "cpu", None)
+    native = any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return amp == "bf16" and device.type == "cpu" and native
+
+
 def mlp(in_dim, out_dim, hidden=(256, 256, 256)):
     """Linear-ReLU stack: the one network block every head is built from."""
     layers, width = [], in_dim
@@ -290,7 +308,7 @@ class MultimodalAgent:
 
     def __init__(self, joint_dim=16, action_dim=16, image_shape=(84, 84), normalization=None,
                  replay_buffer=None, device=None, obs_feature_dim=256, image_feature_dim=128,
-                 encoder_lr=3e-4, pretrained_weights=None, amp=True, channels_last=True, compile=False,
+                 encoder_lr=3e-4, pretrained_weights=None, amp="auto", channels_last=True, compile=False,
                  discount=0.99, image_shift=0):
         if replay_buffer is not None:
             joint_dim, action_dim = replay_buffer.joint_dim, replay_buffer.action_dim
@@ -311,7 +329,7 @@ class MultimodalAgent:
         self.image_shape = tuple(self.config["image_shape"])
         self.discount = float(discount)
         self.min_v, self.max_v = normalization.min_v, normalization.max_v
-        self.amp = bool(amp) and self.device.type == "cuda"
+        self.amp = use_bf16(amp, self.device)
         self.total_it = 0
 
         self.encoder = ObservationEncoder(joint_dim, image_feature_dim, obs_feature_dim,
@@ -532,7 +550,7 @@ class MultimodalLatent(MultimodalAgent):
 
     def __init__(self, joint_dim=16, action_dim=16, image_shape=(84, 84), normalization=None,
                  replay_buffer=None, device=None, obs_feature_dim=256, image_feature_dim=128,
-                 encoder_lr=3e-4, pretrained_weights=None, amp=True, channels_last=True, compile=False,
+                 encoder_lr=3e-4, pretrained_weights=None, amp="auto", channels_last=True, compile=False,
                  discount=0.99, tau=0.005, vae_lr=2e-4, actor_lr=2e-4, critic_lr=1e-3, latent_dim=None,
                  max_latent_action=0.5, expectile=0.9, kl_beta=1.0, no_noise=False, doubleq_min=1.0,
                  encoder_losses="critic+vae", image_shift=0):
@@ -690,7 +708,7 @@ class MultimodalBC(MultimodalAgent):
 
     def __init__(self, joint_dim=16, action_dim=16, image_shape=(84, 84), normalization=None,
                  replay_buffer=None, device=None, obs_feature_dim=256, image_feature_dim=128,
-                 encoder_lr=3e-4, pretrained_weights=None, amp=True, channels_last=True, compile=False,
+                 encoder_lr=3e-4, pretrained_weights=None, amp="auto", channels_last=True, compile=False,
                  discount=0.99, vae_lr=2e-4, image_shift=0, **_unused_lapo_flags):
         super().__init__(joint_dim, action_dim, image_shape, normalization, replay_buffer, device,
                          obs_feature_dim, image_feature_dim, encoder_lr, pretrained_weights, amp,

@@ -11,6 +11,7 @@ updates included). Floor and real step alternate, so machine noise hits both ali
 last line is ``step/floor ratio: X.XX``.
 """
 import argparse
+import multiprocessing
 import os
 import resource
 import statistics
@@ -81,6 +82,27 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "peak RSS"
 
 
+def _training_memory(n_rows, image_size, batch_size, steps, amp, queue):
+    """Child process: only what a training run holds (dataset, buffer, agent, a few steps)."""
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # interpreter + torch imports
+    buffer = utils.MultimodalReplayBuffer(synthetic_dataset(n_rows, image_size), 0.9, seed=0, device="cpu")
+    agent = algos.MultimodalLatent(replay_buffer=buffer, device="cpu", amp=amp)
+    agent.train(steps, batch_size)
+    queue.put((baseline, buffer.nbytes_images / 2 ** 30, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20))
+
+
+def training_memory(n_rows, image_size, batch_size, amp, steps=3):
+    """Peak RSS of a CPU training process, measured in a fresh process so that the floor's
+    model and this benchmark's own allocations do not count: (imports GB, dataset GB, peak GB)."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_training_memory, args=(n_rows, image_size, batch_size, steps, amp, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=algos.default_device())
@@ -89,7 +111,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed floor/real-step pairs (after 2 warm-up pairs)")
     p.add_argument("--n_rows", type=int, default=5000, help="rows of the synthetic in-memory dataset")
     p.add_argument("--sampler_batches", type=int, default=200)
-    p.add_argument("--no_amp", action="store_true", help="CUDA: float32 instead of bfloat16 autocast")
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"), help="as main_multimodal.py --amp")
     p.add_argument("--compile", action="store_true")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -101,7 +123,7 @@ def main(argv=None):
     storage = device if device.type == "cuda" else "cpu"
     buffer = utils.MultimodalReplayBuffer(dataset, 0.9, seed=0, device=device, storage_device=storage)
     del dataset
-    agent = algos.MultimodalLatent(replay_buffer=buffer, device=device, amp=not args.no_amp, compile=args.compile)
+    agent = algos.MultimodalLatent(replay_buffer=buffer, device=device, amp=args.amp, compile=args.compile)
     floor = Floor(agent, args.batch_size, args.image_size)
 
     # sampler alone: obs and next obs, all three views, on the device, no model
@@ -137,7 +159,13 @@ def main(argv=None):
     print(f"training throughput:                             {args.batch_size / step_ms * 1e3:.0f} samples/s")
     print(f"sampler alone (obs + next obs, 3 views):         {sampler_rate:,.0f} samples/s")
     print(f"dataset uint8 size:                              {data_gb:.3f} GB")
-    print(f"{kind}:{' ' * (49 - len(kind) - 1)}{peak:.3f} GB (dataset + {peak - data_gb:.3f} GB)")
+    print(f"{kind} (this benchmark, floor included):    {peak:.3f} GB")
+    if device.type == "cpu":
+        # a training process alone, at two dataset sizes: the overhead must not grow with the data
+        for rows in (args.n_rows, 2 * args.n_rows):
+            imports, data, peak_train = training_memory(rows, args.image_size, args.batch_size, args.amp)
+            print(f"training process, {rows} rows: peak RSS {peak_train:.3f} GB = dataset {data:.3f} GB + "
+                  f"{peak_train - data:.3f} GB ({imports:.3f} GB of it is Python + torch imports)")
     print(f"step/floor ratio: {step_ms / floor_ms:.2f}")
 
 

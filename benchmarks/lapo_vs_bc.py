@@ -66,13 +66,12 @@ def main(argv=None):
     p.add_argument("--n_samples", type=int, default=20000)
     p.add_argument("--image_size", type=int, default=32)
     p.add_argument("--data_seed", type=int, default=0)
-    p.add_argument("--max_timesteps", type=int, default=None,
-                   help="training budget for both algorithms (default: main_multimodal.py's)")
+    p.add_argument("--max_timesteps", type=int, default=3000, help="training budget of every run, in steps")
     p.add_argument("--eval_freq", type=int, default=500)
     p.add_argument("--eval_episodes", type=int, default=50, help="fresh rollout seeds per final model")
     p.add_argument("--jobs", type=int, default=2, help="training runs at a time")
     p.add_argument("--out", default=os.path.join(ROOT, "bench_out", "lapo_vs_bc"))
-    p.add_argument("--algos", nargs="+", default=["bc", "lapo"])
+    p.add_argument("--algos", nargs="+", default=["lapo", "bc"])
     p.add_argument("--extra", default="", help="extra flags for main_multimodal.py (both algorithms)")
     p.add_argument("--skip_training", action="store_true", help="only evaluate runs already in --out")
     args = p.parse_args(argv)
@@ -88,7 +87,7 @@ def main(argv=None):
         sim_name, sim_config = simulator.simulator_from_attrs(dict(f.attrs))
 
     results = os.path.join(args.out, "results")
-    budget = ["--max_timesteps", str(args.max_timesteps)] if args.max_timesteps else []
+    budget = ["--max_timesteps", str(args.max_timesteps)]
     commands = []
     for algo in args.algos:
         for seed in args.seeds:
@@ -123,7 +122,7 @@ def main(argv=None):
             per_run[f"{algo}_s{seed}"] = {"final_score": score(ret), "final_success": sr, "best_score": score(bret)}
         rows.append((algo.upper(), finals, succ, bests))
 
-    budget_text = args.max_timesteps or "main_multimodal.py default"
+    budget_text = args.max_timesteps
     lines = [f"Command: python benchmarks/lapo_vs_bc.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip(),
              f"Data: {args.n_samples} transitions, {args.image_size}x{args.image_size}, mix expert/wrong/noisy = 1/3 each "
              f"(by episode); budget {budget_text} steps, batch 64; seeds {args.seeds}; "

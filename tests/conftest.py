@@ -14,6 +14,17 @@ sys.path.insert(0, ROOT)
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
+@pytest.fixture(autouse=True)
+def _drop_checkpoints(tmp_path):
+    """A checkpoint holds three ResNet18 trunks and their Adam state (about 0.4 GB): delete
+    them after each test so that a test run never fills the disk."""
+    yield
+    for root, _, files in os.walk(tmp_path):
+        for name in files:
+            if name.endswith(".pth"):
+                os.remove(os.path.join(root, name))
+
+
 def write_dataset(path, n_rows=60, episode_len=10, joint_dim=16, action_dim=16, image_shape=(16, 16),
                   timeouts=True, seed=0, compression=None, chunks=None, skip=(), override=None, attrs=None):
     """Write a small valid dataset; ``skip`` drops keys, ``override`` replaces arrays by key.

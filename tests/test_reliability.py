@@ -235,7 +235,7 @@ def final_params(folder):
 
 @pytest.mark.parametrize("how", ["--resume", "--load_model"])
 def test_exact_resume_is_bit_identical(tmp_path, sim_dataset, how):
-    common = ["--seed", 7, "--eval_freq", 3, "--save_freq", 3]
+    common = ["--seed", 7, "--eval_freq", 3, "--save_freq", 6]
     one = run_cli("main_multimodal.py", "--hdf5_path", sim_dataset, "--log_dir", tmp_path / "results", "--ExpID",
                   "one", *TINY_TRAIN, *common, "--max_timesteps", 12, cwd=tmp_path)
     assert one.returncode == 0, one.stderr
