@@ -82,13 +82,21 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "peak RSS"
 
 
+def _high_water_rss_gb():
+    # VmHWM belongs to this process's own address space; ru_maxrss would carry the parent's
+    # peak over into a child started by fork+exec
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kb / 2 ** 20
+
+
 def _training_memory(n_rows, image_size, batch_size, steps, amp, queue):
     """Child process: only what a training run holds (dataset, buffer, agent, a few steps)."""
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # interpreter + torch imports
+    baseline = _high_water_rss_gb()   # interpreter + torch imports
     buffer = utils.MultimodalReplayBuffer(synthetic_dataset(n_rows, image_size), 0.9, seed=0, device="cpu")
     agent = algos.MultimodalLatent(replay_buffer=buffer, device="cpu", amp=amp)
     agent.train(steps, batch_size)
-    queue.put((baseline, buffer.nbytes_images / 2 ** 30, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20))
+    queue.put((baseline, buffer.nbytes_images / 2 ** 30, _high_water_rss_gb()))
 
 
 def training_memory(n_rows, image_size, batch_size, amp, steps=3):
