@@ -68,6 +68,8 @@ def build_parser():
     a("--max_latent_action", type=float, default=0.5, help="bound of the latent policy (tanh x this)")
     a("--doubleq_min", type=float, default=1.0, help="weight of min(Q1, Q2) in the V target, in [0, 1]")
     a("--no_noise", action="store_true", help="no clipped noise on the target latent action")
+    a("--no_return_bound", action="store_true",
+      help="plain one-step critic targets, without the observed return to a terminal as their lower bound")
     a("--encoder_losses", default="critic+vae", choices=("critic", "critic+vae"),
       help="losses whose gradients train the shared encoder (default: critic+vae)")
     a("--image_shift", type=int, default=0, help="random-shift augmentation of training images, in pixels")
@@ -420,7 +422,7 @@ def train(args, argv, folder, ckpt_path, device):
                         critic_lr=args.critic_lr, max_latent_action=args.max_latent_action,
                         expectile=args.expectile, kl_beta=args.kl_beta, no_noise=args.no_noise,
                         doubleq_min=args.doubleq_min, encoder_losses=args.encoder_losses,
-                        image_shift=args.image_shift)
+                        image_shift=args.image_shift, return_bound=not args.no_return_bound)
     try:
         agent = algos.make_agent(args.algo, **agent_kwargs)
     except algos.CheckpointError as exc:

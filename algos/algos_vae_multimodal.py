@@ -553,7 +553,7 @@ class MultimodalLatent(MultimodalAgent):
                  encoder_lr=3e-4, pretrained_weights=None, amp="auto", channels_last=True, compile=False,
                  discount=0.99, tau=0.005, vae_lr=2e-4, actor_lr=2e-4, critic_lr=1e-3, latent_dim=None,
                  max_latent_action=0.5, expectile=0.9, kl_beta=1.0, no_noise=False, doubleq_min=1.0,
-                 encoder_losses="critic+vae", image_shift=0):
+                 encoder_losses="critic+vae", image_shift=0, return_bound=True):
         super().__init__(joint_dim, action_dim, image_shape, normalization, replay_buffer, device,
                          obs_feature_dim, image_feature_dim, encoder_lr, pretrained_weights, amp,
                          channels_last, compile, discount, image_shift)
@@ -562,7 +562,8 @@ class MultimodalLatent(MultimodalAgent):
                            critic_lr=float(critic_lr), latent_dim=latent_dim,
                            max_latent_action=float(max_latent_action), expectile=float(expectile),
                            kl_beta=float(kl_beta), no_noise=bool(no_noise), doubleq_min=float(doubleq_min),
-                           encoder_losses=encoder_losses)
+                           encoder_losses=encoder_losses, return_bound=bool(return_bound))
+        self.return_bound = bool(return_bound)
         self.encoder_losses = encoder_losses
         self.tau, self.expectile, self.kl_beta = float(tau), float(expectile), float(kl_beta)
         self.no_noise, self.doubleq_min = bool(no_noise), float(doubleq_min)
@@ -601,13 +602,19 @@ class MultimodalLatent(MultimodalAgent):
         target_q1, target_q2 = self.critic_target(feature, self.actor_vae_target.decode(feature, latent_action))
         return self.doubleq_min * torch.min(target_q1, target_q2) + (1 - self.doubleq_min) * torch.max(target_q1, target_q2)
 
-    def _critic_targets(self, feature, next_feature, reward, not_done):
+    def _critic_targets(self, feature, next_feature, reward, not_done, observed_return=None):
         """target_Q = r + gamma * not_done * V(s'); target_V = Q_target(s, a~); both in [min_v, max_v].
 
         V(s') comes from the current critic, as in the original LAPO code (critic.v(next_state)):
         with a target V here too, every backup would wait on two lagging targets in a row.
+        With ``return_bound``, target_Q is at least the return the data observed from (s, a)
+        to a terminal: one-step backups move value back one step per target update, so a
+        success 30 steps away would take thousands of steps to reach the first state of its
+        episode; the observed return puts it there at once.
         """
         target_Q = reward + self.discount * not_done * self.critic.v(next_feature)
+        if self.return_bound and observed_return is not None:
+            target_Q = torch.maximum(target_Q, observed_return)
         target_V = self._target_value(feature)
         return target_Q.clamp(self.min_v, self.max_v), target_V.clamp(self.min_v, self.max_v)
 
@@ -641,7 +648,8 @@ class MultimodalLatent(MultimodalAgent):
 
         # ---- critic
         with torch.no_grad():
-            target_Q, target_V = self._critic_targets(state, next_obs_feature, reward, not_done)
+            target_Q, target_V = self._critic_targets(state, next_obs_feature, reward, not_done,
+                                                      batch.observed_return)
         current_Q1, current_Q2 = self.critic(feature, action)
         current_V = self.critic.v(feature)
         critic_loss = F.mse_loss(current_Q1, target_Q) + F.mse_loss(current_Q2, target_Q) + F.mse_loss(current_V, target_V)

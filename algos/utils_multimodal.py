@@ -363,6 +363,26 @@ def transition_indices(terminals, timeouts):
     return next_index, not_done, valid
 
 
+def observed_returns(rewards, terminals, timeouts, discount):
+    """Per row: the discounted return observed from that row to the end of its episode, for
+    episodes that end in a terminal; -inf for rows of episodes cut off by time or by the file.
+
+    The return of what the data actually did from (s, a) on is a value that action can
+    reach, so it bounds Q(s, a) from below (exactly in a deterministic world, on average in
+    a noisy one). A cut-off episode's sum leaves out its unseen future, so it bounds nothing.
+    """
+    rewards = np.asarray(rewards, np.float64)
+    out = np.full(len(rewards), -np.inf)
+    for start, stop in episode_ranges(terminals, timeouts):
+        if not terminals[stop - 1]:
+            continue
+        running = 0.0
+        for i in range(stop - 1, start - 1, -1):
+            running = rewards[i] + discount * running
+            out[i] = running
+    return out.astype(np.float32)
+
+
 def split_episodes(n_episodes, train_fraction, seed):
     """Shuffle whole episodes and split them; returns (train_ids, test_ids), test never empty."""
     if n_episodes < 2:
@@ -467,6 +487,7 @@ class Batch:
     not_done: torch.Tensor
     next_images: torch.Tensor = None
     next_joint: torch.Tensor = None
+    observed_return: torch.Tensor = None   # [B, 1], -inf where the episode was cut off
 
 
 class MultimodalReplayBuffer:
@@ -518,6 +539,8 @@ class MultimodalReplayBuffer:
         self.actions = torch.from_numpy(norm.normalize_action(dataset.actions, dataset.joint).astype(np.float32)).to(dev)
         self.rewards = torch.from_numpy((dataset.rewards / norm.reward_scale).astype(np.float32)).to(dev)
         self.not_done = torch.from_numpy(not_done).to(dev)
+        self.observed_return = torch.from_numpy(observed_returns(
+            dataset.rewards / norm.reward_scale, dataset.terminals, dataset.timeouts, discount)).to(dev)
         self.next_index = torch.from_numpy(next_index).to(dev)
         self.train_rows = torch.from_numpy(train_rows).to(dev)
         self.test_rows = torch.from_numpy(test_rows).to(dev)
@@ -552,6 +575,8 @@ class MultimodalReplayBuffer:
             action=self.actions.index_select(0, rows).to(self.device, non_blocking=non_blocking),
             reward=self.rewards.index_select(0, rows).unsqueeze(1).to(self.device, non_blocking=non_blocking),
             not_done=self.not_done.index_select(0, rows).unsqueeze(1).to(self.device, non_blocking=non_blocking),
+            observed_return=self.observed_return.index_select(0, rows).unsqueeze(1).to(self.device,
+                                                                                       non_blocking=non_blocking),
         )
         if with_next:
             nxt = self.next_index.index_select(0, rows)

@@ -49,6 +49,26 @@ def run_jobs(commands, jobs, threads, log_dir):
     return failed
 
 
+def finished_run(folder, algo, seed, max_timesteps, data):
+    """Whether ``folder`` holds a run that finished with this algorithm, seed, budget and data."""
+    try:
+        with open(os.path.join(folder, "params.json")) as f:
+            flags = json.load(f)["flags"]
+    except (OSError, ValueError, KeyError):
+        return False
+    same = (flags.get("algo") == algo and flags.get("seed") == seed and flags.get("max_timesteps") == max_timesteps
+            and os.path.abspath(flags.get("hdf5_path") or "") == os.path.abspath(data))
+    return same and os.path.exists(os.path.join(folder, "model_final.pth"))
+
+
+def run_wall_time(folder):
+    """Seconds a run took (its last progress.csv row; a resumed run counts from its resume)."""
+    import csv
+    with open(os.path.join(folder, "progress.csv")) as f:
+        rows = list(csv.DictReader(f))
+    return float(rows[-1]["wall_time_s"]) if rows else float("nan")
+
+
 def evaluate(checkpoint, sim_name, sim_config, seeds):
     agent = algos.MultimodalAgent.from_checkpoint(checkpoint, device="cpu")
     envs = [simulator.make_simulator(sim_name, sim_config) for _ in seeds]
@@ -74,6 +94,8 @@ def main(argv=None):
     p.add_argument("--algos", nargs="+", default=["lapo", "bc"])
     p.add_argument("--extra", default="", help="extra flags for main_multimodal.py (both algorithms)")
     p.add_argument("--skip_training", action="store_true", help="only evaluate runs already in --out")
+    p.add_argument("--retrain", action="store_true",
+                   help="train every run again, even one that already finished with the same flags in --out")
     args = p.parse_args(argv)
     t0 = time.time()
     os.makedirs(args.out, exist_ok=True)
@@ -88,14 +110,21 @@ def main(argv=None):
 
     results = os.path.join(args.out, "results")
     budget = ["--max_timesteps", str(args.max_timesteps)]
-    commands = []
+    commands, reused = [], []
     for algo in args.algos:
         for seed in args.seeds:
             exp = f"{algo}_s{seed}"
+            if not args.retrain and finished_run(os.path.join(results, f"Exp{exp}", "multimodal_robot"), algo, seed,
+                                                 args.max_timesteps, data):
+                reused.append(exp)
+                continue
             cmd = [sys.executable, os.path.join(ROOT, "main_multimodal.py"), "--hdf5_path", data, "--algo", algo,
                    "--device", "cpu", "--seed", str(seed), "--ExpID", exp, "--log_dir", results,
                    "--eval_freq", str(args.eval_freq), "--overwrite", *budget, *args.extra.split()]
             commands.append((exp, cmd))
+    if reused:
+        print(f"  reusing finished runs (same data, algorithm, seed and budget): {', '.join(reused)}; "
+              "--retrain trains them again")
     t_train = time.time()
     if not args.skip_training:
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
@@ -109,7 +138,7 @@ def main(argv=None):
     score = lambda r: simulator.normalized_score(r, refs)  # noqa: E731
     rows = [("expert (in data)", [1.0], [1.0], None), ("wrong operator (in data)", [score(refs["wrong"])], [0.0], None),
             ("noisy play (in data)", [0.0], [0.0], None)]
-    per_run = {}
+    per_run, run_minutes = {}, []
     for algo in args.algos:
         finals, succ, bests = [], [], []
         for seed in args.seeds:
@@ -119,6 +148,7 @@ def main(argv=None):
             finals.append(score(ret))
             succ.append(sr)
             bests.append(score(bret))
+            run_minutes.append(run_wall_time(folder) / 60)
             per_run[f"{algo}_s{seed}"] = {"final_score": score(ret), "final_success": sr, "best_score": score(bret)}
         rows.append((algo.upper(), finals, succ, bests))
 
@@ -127,7 +157,10 @@ def main(argv=None):
              f"Data: {args.n_samples} transitions, {args.image_size}x{args.image_size}, mix expert/wrong/noisy = 1/3 each "
              f"(by episode); budget {budget_text} steps, batch 64; seeds {args.seeds}; "
              f"{args.eval_episodes} fresh evaluation episodes per model",
-             f"Wall time: training {train_wall / 60:.1f} min ({args.jobs} runs at a time), total {(time.time() - t0) / 60:.1f} min",
+             f"Wall time: training {train_wall / 60:.1f} min ({args.jobs} runs at a time"
+             f"{', ' + str(len(reused)) + ' finished runs reused' if reused else ''}), total {(time.time() - t0) / 60:.1f} min; "
+             f"one run: {np.mean(run_minutes):.1f} min on average (max {np.max(run_minutes):.1f}), "
+             f"training and evaluation, from its progress.csv",
              "",
              "| policy | normalised score, final model (mean ± std) | per seed | success rate | model_best (mean) |",
              "|---|---|---|---|---|"]

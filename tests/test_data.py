@@ -120,6 +120,18 @@ def test_episode_boundaries_and_timeouts_give_next_rows_and_not_done():
     assert valid.tolist() == [True, True, True, True, False, True, True, True]
 
 
+def test_observed_returns_run_to_a_terminal_and_skip_cut_off_episodes():
+    rewards = np.array([1, 2, 3, 1, 1, 0, 0, 4], np.float32)
+    terminals = np.array([0, 0, 1, 0, 0, 0, 0, 1], bool)
+    timeouts = np.array([0, 0, 0, 0, 1, 0, 0, 0], bool)
+    returns = utils.observed_returns(rewards, terminals, timeouts, discount=0.5)
+    # episode 1 ends in a terminal: discounted sums to its end
+    np.testing.assert_allclose(returns[:3], [1 + 0.5 * 2 + 0.25 * 3, 2 + 0.5 * 3, 3])
+    # episode 2 was cut off by time: its unseen future is unknown, so no bound
+    assert np.isneginf(returns[3:5]).all()
+    np.testing.assert_allclose(returns[5:], [0.25 * 4, 0.5 * 4, 4])
+
+
 def test_last_row_ending_no_episode_is_fixed_up_and_reported(tmp_path):
     n = 30
     terminals = np.zeros(n, bool)

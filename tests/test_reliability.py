@@ -281,6 +281,22 @@ def test_value_targets_are_clamped(tiny_dataset):
     assert (target_Q == agent.max_v).all() and (target_V == agent.max_v).all()
 
 
+@pytest.mark.parametrize("return_bound", [True, False])
+def test_observed_return_bounds_the_q_target_from_below(tiny_dataset, return_bound):
+    buffer = utils.MultimodalReplayBuffer(utils.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
+    agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu",
+                                   return_bound=return_bound)
+    with torch.no_grad():
+        agent.critic.v_net[-1].weight.zero_()
+        agent.critic.v_net[-1].bias.fill_(0.0)   # V(s') = 0: the one-step target is r
+        feature = torch.zeros(3, 32)
+        reward = torch.zeros(3, 1)
+        observed = torch.tensor([[0.5], [-0.5], [float("-inf")]])
+        target_Q, _ = agent._critic_targets(feature, feature, reward, torch.ones(3, 1), observed)
+    expected = [0.5, 0.0, 0.0] if return_bound else [0.0, 0.0, 0.0]
+    assert target_Q.squeeze(1).tolist() == pytest.approx(expected)
+
+
 # --------------------------------------------------------------------------- no clobbering
 def test_two_exp_ids_never_share_files(tmp_path, tiny_dataset):
     for exp in ("p", "q"):
