@@ -3,8 +3,10 @@
 LAPO (Chen et al., NeurIPS 2022) learns an advantage-weighted CVAE of the behaviour
 policy and a latent policy that picks, through the CVAE decoder, the mode of the data
 with the highest value. This file follows the original LAPO code (algos_vae.py there)
-line by line on top of an observation encoder; ``MultimodalBC`` is the behaviour-cloning
-baseline with the same encoder and data path.
+line by line on top of an observation encoder, with one departure: target_Q is bounded
+below by the return the data observed to a terminal (``return_bound``, see
+``_critic_targets``). ``MultimodalBC`` is the behaviour-cloning baseline with the same
+encoder and data path.
 
 How the shared encoder is trained (the one place it is decided: ``_train_step``):
   * the critic loss and the CVAE loss reach the encoder; the latent actor sees detached
