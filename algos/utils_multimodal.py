@@ -537,10 +537,11 @@ class MultimodalReplayBuffer:
         self._image_rows = self.images.view(len(self.images), row_bytes).view(wide)
         self.joint = torch.from_numpy(norm.normalize_joint(dataset.joint).astype(np.float32)).to(dev)
         self.actions = torch.from_numpy(norm.normalize_action(dataset.actions, dataset.joint).astype(np.float32)).to(dev)
-        self.rewards = torch.from_numpy((dataset.rewards / norm.reward_scale).astype(np.float32)).to(dev)
+        rewards = (dataset.rewards / norm.reward_scale).astype(np.float32)
+        self.rewards = torch.from_numpy(rewards).to(dev)
         self.not_done = torch.from_numpy(not_done).to(dev)
-        self.observed_return = torch.from_numpy(observed_returns(
-            dataset.rewards / norm.reward_scale, dataset.terminals, dataset.timeouts, discount)).to(dev)
+        self.observed_return = torch.from_numpy(
+            observed_returns(rewards, dataset.terminals, dataset.timeouts, discount)).to(dev)
         self.next_index = torch.from_numpy(next_index).to(dev)
         self.train_rows = torch.from_numpy(train_rows).to(dev)
         self.test_rows = torch.from_numpy(test_rows).to(dev)

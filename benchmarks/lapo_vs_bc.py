@@ -10,6 +10,7 @@ never evaluated on and prints the normalised score (0 = noisy play, 1 = expert) 
 behaviour in the data, of BC and of LAPO: mean and spread over seeds.
 """
 import argparse
+import csv
 import json
 import os
 import subprocess
@@ -63,7 +64,6 @@ def finished_run(folder, algo, seed, max_timesteps, data):
 
 def run_wall_time(folder):
     """Seconds a run took (its last progress.csv row; a resumed run counts from its resume)."""
-    import csv
     with open(os.path.join(folder, "progress.csv")) as f:
         rows = list(csv.DictReader(f))
     return float(rows[-1]["wall_time_s"]) if rows else float("nan")
