@@ -70,6 +70,9 @@ def build_parser():
     a("--no_noise", action="store_true", help="no clipped noise on the target latent action")
     a("--no_return_bound", action="store_true",
       help="plain one-step critic targets, without the observed return to a terminal as their lower bound")
+    a("--n_step", type=int, default=1,
+      help="rewards summed along the recorded episode before bootstrapping, in the critic targets and the "
+           "advantage (default: 1, the original one-step backup)")
     a("--encoder_losses", default="critic+vae", choices=("critic", "critic+vae"),
       help="losses whose gradients train the shared encoder (default: critic+vae)")
     a("--image_shift", type=int, default=0, help="random-shift augmentation of training images, in pixels")
@@ -109,7 +112,7 @@ def flag_problems(args):
     need(0 <= args.doubleq_min <= 1, f"--doubleq_min must be in [0, 1], got {args.doubleq_min}")
     need(args.kl_beta >= 0, f"--kl_beta must be >= 0, got {args.kl_beta}")
     need(args.max_latent_action > 0, f"--max_latent_action must be > 0, got {args.max_latent_action}")
-    for name in ("batch_size", "max_timesteps", "eval_freq", "save_freq", "obs_feature_dim", "image_feature_dim"):
+    for name in ("n_step", "batch_size", "max_timesteps", "eval_freq", "save_freq", "obs_feature_dim", "image_feature_dim"):
         value = getattr(args, name)
         need(value is None or value > 0, f"--{name} must be a positive integer, got {value}")
     for name in ("vae_lr", "actor_lr", "critic_lr", "encoder_lr"):
@@ -407,7 +410,7 @@ def train(args, argv, folder, ckpt_path, device):
     try:
         buffer = utils.MultimodalReplayBuffer(dataset, args.train_test_split, args.seed, args.discount,
                                               device=device, storage_device=storage,
-                                              relative_actions=args.relative_actions)
+                                              relative_actions=args.relative_actions, n_step=args.n_step)
     except ValueError as exc:
         raise UserError(f"{args.hdf5_path}: {exc}") from None
     del dataset

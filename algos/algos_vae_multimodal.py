@@ -5,8 +5,10 @@ policy and a latent policy that picks, through the CVAE decoder, the mode of the
 with the highest value. This file follows the original LAPO code (algos_vae.py there)
 line by line on top of an observation encoder, with one departure: target_Q is bounded
 below by the return the data observed to a terminal (``return_bound``, see
-``_critic_targets``). ``MultimodalBC`` is the behaviour-cloning baseline with the same
-encoder and data path.
+``_critic_targets``). A batch's ``reward`` and ``discount`` are r and gamma * not_done, or
+with the buffer's ``n_step`` > 1 the discounted sum of the next k <= n rewards of the
+recorded episode and gamma^k. ``MultimodalBC`` is the behaviour-cloning baseline with the
+same encoder and data path.
 
 How the shared encoder is trained (the one place it is decided: ``_train_step``):
   * the critic loss and the CVAE loss reach the encoder; the latent actor sees detached
@@ -604,8 +606,8 @@ class MultimodalLatent(MultimodalAgent):
         target_q1, target_q2 = self.critic_target(feature, self.actor_vae_target.decode(feature, latent_action))
         return self.doubleq_min * torch.min(target_q1, target_q2) + (1 - self.doubleq_min) * torch.max(target_q1, target_q2)
 
-    def _critic_targets(self, feature, next_feature, reward, not_done, observed_return=None):
-        """target_Q = r + gamma * not_done * V(s'); target_V = Q_target(s, a~); both in [min_v, max_v].
+    def _critic_targets(self, feature, next_feature, reward, discount, observed_return=None):
+        """target_Q = r + discount * V(s'); target_V = Q_target(s, a~); both in [min_v, max_v].
 
         V(s') comes from the current critic, as in the original LAPO code (critic.v(next_state)):
         with a target V here too, every backup would wait on two lagging targets in a row.
@@ -614,15 +616,15 @@ class MultimodalLatent(MultimodalAgent):
         success 30 steps away would take thousands of steps to reach the first state of its
         episode; the observed return puts it there at once.
         """
-        target_Q = reward + self.discount * not_done * self.critic.v(next_feature)
+        target_Q = reward + discount * self.critic.v(next_feature)
         if self.return_bound and observed_return is not None:
             target_Q = torch.maximum(target_Q, observed_return)
         target_V = self._target_value(feature)
         return target_Q.clamp(self.min_v, self.max_v), target_V.clamp(self.min_v, self.max_v)
 
-    def _advantage(self, feature, next_feature, reward, not_done):
-        """A = clamp(r + gamma * not_done * V(s')) - clamp(V(s)) with the current critic."""
-        q_action = (reward + self.discount * not_done * self.critic.v(next_feature)).clamp(self.min_v, self.max_v)
+    def _advantage(self, feature, next_feature, reward, discount):
+        """A = clamp(r + discount * V(s')) - clamp(V(s)) with the current critic."""
+        q_action = (reward + discount * self.critic.v(next_feature)).clamp(self.min_v, self.max_v)
         return q_action - self.critic.v(feature).clamp(self.min_v, self.max_v)
 
     def _train_step(self, batch):
@@ -645,12 +647,12 @@ class MultimodalLatent(MultimodalAgent):
         """One LAPO update of the critic, the weighted CVAE and the latent actor, then the
         target networks, on given features. If ``feature`` requires grad, the critic's and
         the CVAE's gradients with respect to it are left in ``feature.grad``."""
-        reward, not_done, action = batch.reward, batch.not_done, batch.action
+        reward, discount, action = batch.reward, batch.discount, batch.action
         state = feature.detach()   # what the targets and the latent actor see
 
         # ---- critic
         with torch.no_grad():
-            target_Q, target_V = self._critic_targets(state, next_obs_feature, reward, not_done,
+            target_Q, target_V = self._critic_targets(state, next_obs_feature, reward, discount,
                                                       batch.observed_return)
         current_Q1, current_Q2 = self.critic(feature, action)
         current_V = self.critic.v(feature)
@@ -661,7 +663,7 @@ class MultimodalLatent(MultimodalAgent):
 
         # ---- advantage-weighted CVAE (advantage from the critic after its step)
         with torch.no_grad():
-            advantage = self._advantage(state, next_obs_feature, reward, not_done)
+            advantage = self._advantage(state, next_obs_feature, reward, discount)
             advantage_weight = torch.where(advantage > 0, self.expectile, 1 - self.expectile)
         recon_action, mean, log_var = self.actor_vae(feature if self.encoder_losses != "critic" else state, action)
         recon_loss = (recon_action - action).pow(2).sum(1, keepdim=True)
@@ -692,7 +694,7 @@ class MultimodalLatent(MultimodalAgent):
         action_err = (policy_action - action).pow(2).mean(1)
         _, mean, _ = self.actor_vae(feature, action)
         recon_err = (self.actor_vae.decode(feature, mean) - action).pow(2).mean(1)
-        advantage = self._advantage(feature, batch.next_feature.float(), batch.reward, batch.not_done).squeeze(1)
+        advantage = self._advantage(feature, batch.next_feature.float(), batch.reward, batch.discount).squeeze(1)
         positive = (advantage > 0).float()
         good_err = (action_err * positive).sum() / positive.sum().clamp(min=1)
         q1, q2 = self.critic(feature, action)

@@ -383,6 +383,37 @@ def observed_returns(rewards, terminals, timeouts, discount):
     return out.astype(np.float32)
 
 
+def n_step_transitions(rewards, terminals, timeouts, discount, n_step):
+    """Per row: the discounted sum of the next ``k <= n_step`` rewards the data received from
+    that row on, the row whose observation then bootstraps (s_{t+k}), and gamma^k (0 where
+    the episode ended in a terminal within those k rewards).
+
+    The sum stops at the episode's end: at a terminal (nothing to bootstrap), or one row
+    before a time-out row, whose observation is the last one the episode has. ``n_step=1``
+    is the one-step transition (r_t, s_{t+1}, gamma * not_done).
+    """
+    rewards = np.asarray(rewards, np.float64)
+    terminals = np.asarray(terminals, bool)
+    n = len(rewards)
+    reward_sum = rewards.copy()                  # a cut-off row keeps its own reward (never bootstrapped)
+    bootstrap_index, _, _ = transition_indices(terminals, timeouts)
+    bootstrap_discount = np.zeros(n)
+    for start, stop in episode_ranges(terminals, timeouts):
+        terminal_episode = bool(terminals[stop - 1])
+        last_obs = stop - 1                      # the episode's last observed row
+        for t in range(start, stop):
+            k_max = (stop - t) if terminal_episode else (last_obs - t)
+            k = min(n_step, k_max)
+            if k <= 0:                           # a cut-off row: no transition (invalid anyway)
+                continue
+            reward_sum[t] = np.sum(rewards[t:t + k] * discount ** np.arange(k))
+            if terminal_episode and t + k == stop:
+                bootstrap_index[t], bootstrap_discount[t] = stop - 1, 0.0
+            else:
+                bootstrap_index[t], bootstrap_discount[t] = t + k, discount ** k
+    return reward_sum.astype(np.float32), bootstrap_index, bootstrap_discount.astype(np.float32)
+
+
 def split_episodes(n_episodes, train_fraction, seed):
     """Shuffle whole episodes and split them; returns (train_ids, test_ids), test never empty."""
     if n_episodes < 2:
@@ -483,9 +514,10 @@ class Batch:
     images: torch.Tensor
     joint: torch.Tensor
     action: torch.Tensor
-    reward: torch.Tensor
-    not_done: torch.Tensor
-    next_images: torch.Tensor = None
+    reward: torch.Tensor       # [B, 1] discounted sum of the next k rewards (k = n_step, or less at an episode end)
+    discount: torch.Tensor     # [B, 1] gamma^k, 0 where the episode ended in a terminal within them
+    next_images: torch.Tensor = None   # the observation k steps on, which bootstraps
+
     next_joint: torch.Tensor = None
     observed_return: torch.Tensor = None   # [B, 1], -inf where the episode was cut off
 
@@ -498,7 +530,7 @@ class MultimodalReplayBuffer:
     """
 
     def __init__(self, dataset, train_fraction=0.8, seed=0, discount=0.99, device="cpu",
-                 storage_device=None, max_test_rows=1024, relative_actions="auto"):
+                 storage_device=None, max_test_rows=1024, relative_actions="auto", n_step=1):
         self.device = torch.device(device)
         self.storage_device = torch.device(storage_device) if storage_device is not None else torch.device("cpu")
         self.path = dataset.path
@@ -512,7 +544,7 @@ class MultimodalReplayBuffer:
         self.n_episodes = len(episodes)
         train_ids, test_ids = split_episodes(len(episodes), train_fraction, seed)
         episode_of_row = np.repeat(np.arange(len(episodes)), [b - a for a, b in episodes])
-        next_index, not_done, valid = transition_indices(dataset.terminals, dataset.timeouts)
+        _, _, valid = transition_indices(dataset.terminals, dataset.timeouts)
         in_train = np.isin(episode_of_row, train_ids)
         train_rows = np.flatnonzero(in_train & valid)
         test_rows = np.flatnonzero(~in_train & valid)
@@ -538,8 +570,11 @@ class MultimodalReplayBuffer:
         self.joint = torch.from_numpy(norm.normalize_joint(dataset.joint).astype(np.float32)).to(dev)
         self.actions = torch.from_numpy(norm.normalize_action(dataset.actions, dataset.joint).astype(np.float32)).to(dev)
         rewards = (dataset.rewards / norm.reward_scale).astype(np.float32)
-        self.rewards = torch.from_numpy(rewards).to(dev)
-        self.not_done = torch.from_numpy(not_done).to(dev)
+        self.n_step = int(n_step)
+        reward_sum, next_index, discounts = n_step_transitions(rewards, dataset.terminals, dataset.timeouts,
+                                                               discount, self.n_step)
+        self.rewards = torch.from_numpy(reward_sum).to(dev)
+        self.discounts = torch.from_numpy(discounts).to(dev)
         self.observed_return = torch.from_numpy(
             observed_returns(rewards, dataset.terminals, dataset.timeouts, discount)).to(dev)
         self.next_index = torch.from_numpy(next_index).to(dev)
@@ -575,7 +610,7 @@ class MultimodalReplayBuffer:
             joint=self.joint.index_select(0, rows).to(self.device, non_blocking=non_blocking),
             action=self.actions.index_select(0, rows).to(self.device, non_blocking=non_blocking),
             reward=self.rewards.index_select(0, rows).unsqueeze(1).to(self.device, non_blocking=non_blocking),
-            not_done=self.not_done.index_select(0, rows).unsqueeze(1).to(self.device, non_blocking=non_blocking),
+            discount=self.discounts.index_select(0, rows).unsqueeze(1).to(self.device, non_blocking=non_blocking),
             observed_return=self.observed_return.index_select(0, rows).unsqueeze(1).to(self.device,
                                                                                        non_blocking=non_blocking),
         )

@@ -132,6 +132,41 @@ def test_observed_returns_run_to_a_terminal_and_skip_cut_off_episodes():
     np.testing.assert_allclose(returns[5:], [0.25 * 4, 0.5 * 4, 4])
 
 
+def test_n_step_transitions_sum_rewards_up_to_the_episode_end():
+    rewards = np.array([1, 2, 3, 1, 1, 0, 0, 4, 5], np.float32)
+    terminals = np.array([0, 0, 1, 0, 0, 0, 0, 0, 1], bool)
+    timeouts = np.array([0, 0, 0, 0, 1, 0, 0, 0, 0], bool)
+    # n_step=1 is the one-step transition: (r, next row, gamma * not_done)
+    reward_sum, index, discount = utils.n_step_transitions(rewards, terminals, timeouts, 0.5, 1)
+    next_index, not_done, valid = utils.transition_indices(terminals, timeouts)
+    assert (index[valid] == next_index[valid]).all()
+    np.testing.assert_allclose(reward_sum[valid], rewards[valid])
+    np.testing.assert_allclose(discount[valid], 0.5 * not_done[valid])
+
+    reward_sum, index, discount = utils.n_step_transitions(rewards, terminals, timeouts, 0.5, 2)
+    # two rewards, then bootstrap from the observation two rows on with gamma^2
+    assert reward_sum[0] == 1 + 0.5 * 2 and index[0] == 2 and discount[0] == 0.25
+    # the terminal comes within the two rewards: no bootstrap
+    assert reward_sum[1] == 2 + 0.5 * 3 and discount[1] == 0
+    # a time-out episode: the sum stops before its last row, whose observation bootstraps
+    assert reward_sum[3] == 1 and index[3] == 4 and discount[3] == 0.5
+    # never past the episode: rows 5.. form one episode ending in a terminal at row 8
+    assert reward_sum[7] == 4 + 0.5 * 5 and discount[7] == 0
+    assert index[5] == 7 and discount[5] == 0.25
+
+
+def test_n_step_buffer_bootstraps_from_k_rows_on(tmp_path):
+    path = write_dataset(tmp_path / "d.hdf5", n_rows=40, episode_len=10)
+    data = utils.load_dataset(path, progress=False)
+    one = utils.MultimodalReplayBuffer(data, 0.5, seed=0, discount=0.9)
+    three = utils.MultimodalReplayBuffer(data, 0.5, seed=0, discount=0.9, n_step=3)
+    row = int(one.train_rows[0])   # the first row of an episode of 10: three rewards fit
+    b1, b3 = one.gather(torch.tensor([row, row + 1, row + 2])), three.gather(torch.tensor([row]))
+    assert (b3.next_images[0] == one.images[row + 3]).all()
+    assert b3.reward.item() == pytest.approx(float(b1.reward[0] + 0.9 * b1.reward[1] + 0.81 * b1.reward[2]))
+    assert b3.discount.item() == pytest.approx(0.9 ** 3)
+
+
 def test_last_row_ending_no_episode_is_fixed_up_and_reported(tmp_path):
     n = 30
     terminals = np.zeros(n, bool)
