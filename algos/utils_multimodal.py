@@ -517,7 +517,6 @@ class Batch:
     reward: torch.Tensor       # [B, 1] discounted sum of the next k rewards (k = n_step, or less at an episode end)
     discount: torch.Tensor     # [B, 1] gamma^k, 0 where the episode ended in a terminal within them
     next_images: torch.Tensor = None   # the observation k steps on, which bootstraps
-
     next_joint: torch.Tensor = None
     observed_return: torch.Tensor = None   # [B, 1], -inf where the episode was cut off
 
