@@ -363,6 +363,31 @@ def transition_indices(terminals, timeouts):
     return next_index, not_done, valid
 
 
+def _episode_rows(terminals, timeouts):
+    """Per row: the stop (exclusive) of its episode and whether that episode ends in a terminal."""
+    ranges = episode_ranges(terminals, timeouts)
+    lengths = [stop - start for start, stop in ranges]
+    stop = np.repeat([stop for _, stop in ranges], lengths)
+    ends_in_terminal = np.repeat([bool(terminals[stop - 1]) for _, stop in ranges], lengths)
+    return stop, ends_in_terminal
+
+
+def discounted_suffix_sums(rewards, terminals, timeouts, discount):
+    """Per row t: sum over the rest of its episode of discount^(i - t) * r_i (float64).
+
+    One reverse pass over the rows: everything n-step and return-bound need is a
+    difference of two of these sums, so no per-row loop over the next n rewards.
+    """
+    rewards = np.asarray(rewards, np.float64)
+    ends = np.asarray(terminals, bool) | np.asarray(timeouts, bool)
+    out = np.empty(len(rewards))
+    running = 0.0
+    for i in range(len(rewards) - 1, -1, -1):
+        running = rewards[i] + (0.0 if ends[i] else discount * running)
+        out[i] = running
+    return out
+
+
 def observed_returns(rewards, terminals, timeouts, discount):
     """Per row: the discounted return observed from that row to the end of its episode, for
     episodes that end in a terminal; -inf for rows of episodes cut off by time or by the file.
@@ -371,16 +396,10 @@ def observed_returns(rewards, terminals, timeouts, discount):
     reach, so it bounds Q(s, a) from below (exactly in a deterministic world, on average in
     a noisy one). A cut-off episode's sum leaves out its unseen future, so it bounds nothing.
     """
-    rewards = np.asarray(rewards, np.float64)
-    out = np.full(len(rewards), -np.inf)
-    for start, stop in episode_ranges(terminals, timeouts):
-        if not terminals[stop - 1]:
-            continue
-        running = 0.0
-        for i in range(stop - 1, start - 1, -1):
-            running = rewards[i] + discount * running
-            out[i] = running
-    return out.astype(np.float32)
+    terminals = np.asarray(terminals, bool)
+    suffix = discounted_suffix_sums(rewards, terminals, timeouts, discount)
+    _, ends_in_terminal = _episode_rows(terminals, timeouts)
+    return np.where(ends_in_terminal, suffix, -np.inf).astype(np.float32)
 
 
 def n_step_transitions(rewards, terminals, timeouts, discount, n_step):
@@ -390,27 +409,25 @@ def n_step_transitions(rewards, terminals, timeouts, discount, n_step):
 
     The sum stops at the episode's end: at a terminal (nothing to bootstrap), or one row
     before a time-out row, whose observation is the last one the episode has. ``n_step=1``
-    is the one-step transition (r_t, s_{t+1}, gamma * not_done).
+    is the one-step transition (r_t, s_{t+1}, gamma * not_done); an ``n_step`` longer than
+    the episodes gives the Monte-Carlo return of a terminal episode.
     """
     rewards = np.asarray(rewards, np.float64)
     terminals = np.asarray(terminals, bool)
     n = len(rewards)
-    reward_sum = rewards.copy()                  # a cut-off row keeps its own reward (never bootstrapped)
+    rows = np.arange(n)
+    stop, ends_in_terminal = _episode_rows(terminals, timeouts)
+    # rewards a row can sum: to its terminal, or up to (not including) the cut-off row
+    k = np.minimum(n_step, np.where(ends_in_terminal, stop - rows, stop - 1 - rows))
+    has_transition = k > 0                       # a cut-off row has none (it is invalid anyway)
+    k = np.maximum(k, 0)
+    suffix = np.append(discounted_suffix_sums(rewards, terminals, timeouts, discount), 0.0)
+    after = np.where(rows + k < stop, suffix[np.minimum(rows + k, n)], 0.0)
+    reward_sum = np.where(has_transition, suffix[:n] - discount ** k * after, rewards)
+    reaches_terminal = ends_in_terminal & (rows + k == stop)
     bootstrap_index, _, _ = transition_indices(terminals, timeouts)
-    bootstrap_discount = np.zeros(n)
-    for start, stop in episode_ranges(terminals, timeouts):
-        terminal_episode = bool(terminals[stop - 1])
-        last_obs = stop - 1                      # the episode's last observed row
-        for t in range(start, stop):
-            k_max = (stop - t) if terminal_episode else (last_obs - t)
-            k = min(n_step, k_max)
-            if k <= 0:                           # a cut-off row: no transition (invalid anyway)
-                continue
-            reward_sum[t] = np.sum(rewards[t:t + k] * discount ** np.arange(k))
-            if terminal_episode and t + k == stop:
-                bootstrap_index[t], bootstrap_discount[t] = stop - 1, 0.0
-            else:
-                bootstrap_index[t], bootstrap_discount[t] = t + k, discount ** k
+    bootstrap_index = np.where(has_transition, np.where(reaches_terminal, stop - 1, rows + k), bootstrap_index)
+    bootstrap_discount = np.where(has_transition & ~reaches_terminal, discount ** k, 0.0)
     return reward_sum.astype(np.float32), bootstrap_index, bootstrap_discount.astype(np.float32)
 
 

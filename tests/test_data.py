@@ -155,6 +155,30 @@ def test_n_step_transitions_sum_rewards_up_to_the_episode_end():
     assert index[5] == 7 and discount[5] == 0.25
 
 
+def test_n_step_transitions_match_their_definition_on_random_episodes():
+    # the vectorised sums against the definition, row by row, for episodes of every kind
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(1, 40))
+        rewards = rng.normal(size=n).astype(np.float32)
+        ends = rng.random(n) < 0.2
+        terminals = ends & (rng.random(n) < 0.5)
+        timeouts = ends & ~terminals
+        timeouts[-1] |= not terminals[-1]
+        for n_step in (1, 3, 100):
+            reward_sum, index, discount = utils.n_step_transitions(rewards, terminals, timeouts, 0.9, n_step)
+            for start, stop in utils.episode_ranges(terminals, timeouts):
+                for t in range(start, stop):
+                    k = min(n_step, stop - t if terminals[stop - 1] else stop - 1 - t)
+                    if k <= 0:
+                        continue
+                    expected = sum(0.9 ** i * rewards[t + i] for i in range(k))
+                    assert abs(reward_sum[t] - expected) < 1e-4
+                    ends_here = terminals[stop - 1] and t + k == stop
+                    assert index[t] == (stop - 1 if ends_here else t + k)
+                    assert abs(discount[t] - (0.0 if ends_here else 0.9 ** k)) < 1e-6
+
+
 def test_n_step_buffer_bootstraps_from_k_rows_on(tmp_path):
     path = write_dataset(tmp_path / "d.hdf5", n_rows=40, episode_len=10)
     data = utils.load_dataset(path, progress=False)
