@@ -21,6 +21,7 @@ How the shared encoder is trained (the one place it is decided: ``_train_step``)
     observations: the least any correct design must do.
 """
 import copy
+import inspect
 import os
 import random
 
@@ -502,6 +503,7 @@ class MultimodalAgent:
     def _apply_checkpoint(self, ckpt, path, restore_rng):
         normalization = Normalization.from_state_dict(ckpt["normalization"])
         if ckpt["config"] != self.config:
+            _check_config_keys(type(self), ckpt["config"], path)
             buffer = self.replay_buffer
             self.__init__(**ckpt["config"], normalization=normalization, device=self.device)
             self.replay_buffer = buffer
@@ -528,12 +530,25 @@ class MultimodalAgent:
         if cls is not MultimodalAgent and not issubclass(agent_cls, cls):
             raise CheckpointError(path, f"checkpoint holds a '{ckpt['algo']}' agent; "
                                         f"use {agent_cls.__name__}.from_checkpoint")
+        _check_config_keys(agent_cls, ckpt["config"], path)
         agent = agent_cls(**ckpt["config"], normalization=Normalization.from_state_dict(ckpt["normalization"]),
                           device=device)
         agent.replay_buffer = replay_buffer
         ckpt = read_checkpoint(path, map_location=agent.device) if agent.device.type != "cpu" else ckpt
         agent._apply_checkpoint(ckpt, path, restore_rng=False)
         return agent
+
+
+def _check_config_keys(agent_cls, config, path):
+    """A checkpoint whose settings this version's agent does not take (written by a newer
+    or an experimental version) is refused by name, not with a TypeError from __init__."""
+    params = inspect.signature(agent_cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(config) - set(params))
+    if unknown:
+        raise CheckpointError(path, f"checkpoint config has settings this version does not know: {unknown} "
+                                    "(written by a newer or modified version?)")
 
 
 def checkpoint_path(filename, directory=None):

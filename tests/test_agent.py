@@ -149,6 +149,17 @@ def test_from_checkpoint_refuses_the_wrong_algorithm(tiny_dataset, tmp_path):
     assert isinstance(algos.MultimodalAgent.from_checkpoint(path), algos.MultimodalBC)
 
 
+def test_checkpoint_with_unknown_settings_is_refused_by_name(lapo, tmp_path):
+    path = lapo.save("model_final", str(tmp_path))
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["setting_from_the_future"] = 1.0
+    torch.save(ckpt, path)
+    with pytest.raises(algos.CheckpointError, match="setting_from_the_future"):
+        algos.MultimodalAgent.from_checkpoint(path)
+    with pytest.raises(algos.CheckpointError, match="setting_from_the_future"):
+        lapo.load(path)
+
+
 def test_pretrained_weights_load_from_a_local_file(tmp_path):
     import torchvision
     reference = torchvision.models.resnet18()
