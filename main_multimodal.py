@@ -56,7 +56,8 @@ def build_parser():
     a("--eval_episodes", type=int, default=10, help="simulator rollouts per evaluation, fixed seeds (default: 10)")
     a("--discount", type=float, default=0.99)
     a("--tau", type=float, default=0.005, help="soft target update rate")
-    a("--expectile", type=float, default=0.9, help="CVAE weight of positive-advantage samples, in (0, 1)")
+    a("--expectile", type=float, default=0.99,
+      help="CVAE weight of positive-advantage samples (the others get 1 - this), in (0, 1)")
     a("--kl_beta", type=float, default=1.0, help="KL weight of the CVAE loss")
     a("--obs_feature_dim", type=int, default=256, help="fused observation feature size")
     a("--image_feature_dim", type=int, default=128, help="feature size of each ResNet18 trunk")
@@ -70,9 +71,10 @@ def build_parser():
     a("--no_noise", action="store_true", help="no clipped noise on the target latent action")
     a("--no_return_bound", action="store_true",
       help="plain one-step critic targets, without the observed return to a terminal as their lower bound")
-    a("--n_step", type=int, default=1,
+    a("--n_step", type=int, default=100,
       help="rewards summed along the recorded episode before bootstrapping, in the critic targets and the "
-           "advantage (default: 1, the original one-step backup)")
+           "advantage (default: 100, the Monte-Carlo return of episodes up to 100 steps; 1: the original "
+           "one-step backup)")
     a("--encoder_losses", default="critic+vae", choices=("critic", "critic+vae"),
       help="losses whose gradients train the shared encoder (default: critic+vae)")
     a("--image_shift", type=int, default=0, help="random-shift augmentation of training images, in pixels")

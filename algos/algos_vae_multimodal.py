@@ -571,7 +571,7 @@ class MultimodalLatent(MultimodalAgent):
                  replay_buffer=None, device=None, obs_feature_dim=256, image_feature_dim=128,
                  encoder_lr=3e-4, pretrained_weights=None, amp="auto", channels_last=True, compile=False,
                  discount=0.99, tau=0.005, vae_lr=2e-4, actor_lr=2e-4, critic_lr=1e-3, latent_dim=None,
-                 max_latent_action=0.5, expectile=0.9, kl_beta=1.0, no_noise=False, doubleq_min=1.0,
+                 max_latent_action=0.5, expectile=0.99, kl_beta=1.0, no_noise=False, doubleq_min=1.0,
                  encoder_losses="critic+vae", image_shift=0, return_bound=True):
         super().__init__(joint_dim, action_dim, image_shape, normalization, replay_buffer, device,
                          obs_feature_dim, image_feature_dim, encoder_lr, pretrained_weights, amp,
