@@ -70,7 +70,7 @@ def build_parser():
     a("--doubleq_min", type=float, default=1.0, help="weight of min(Q1, Q2) in the V target, in [0, 1]")
     a("--no_noise", action="store_true", help="no clipped noise on the target latent action")
     a("--no_return_bound", action="store_true",
-      help="plain one-step critic targets, without the observed return to a terminal as their lower bound")
+      help="critic targets without the observed return to a terminal as their lower bound")
     a("--n_step", type=int, default=100,
       help="rewards summed along the recorded episode before bootstrapping, in the critic targets and the "
            "advantage (default: 100, the Monte-Carlo return of episodes up to 100 steps; 1: the original "
