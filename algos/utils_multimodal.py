@@ -421,9 +421,10 @@ def n_step_transitions(rewards, terminals, timeouts, discount, n_step):
     k = np.minimum(n_step, np.where(ends_in_terminal, stop - rows, stop - 1 - rows))
     has_transition = k > 0                       # a cut-off row has none (it is invalid anyway)
     k = np.maximum(k, 0)
-    suffix = np.append(discounted_suffix_sums(rewards, terminals, timeouts, discount), 0.0)
-    after = np.where(rows + k < stop, suffix[np.minimum(rows + k, n)], 0.0)
-    reward_sum = np.where(has_transition, suffix[:n] - discount ** k * after, rewards)
+    suffix = discounted_suffix_sums(rewards, terminals, timeouts, discount)
+    # what lies beyond the k rewards; nothing where they reach the episode's end
+    after = np.where(rows + k < stop, suffix[np.minimum(rows + k, n - 1)], 0.0)
+    reward_sum = np.where(has_transition, suffix - discount ** k * after, rewards)
     reaches_terminal = ends_in_terminal & (rows + k == stop)
     bootstrap_index, _, _ = transition_indices(terminals, timeouts)
     bootstrap_index = np.where(has_transition, np.where(reaches_terminal, stop - 1, rows + k), bootstrap_index)
