@@ -255,13 +255,14 @@ def capture_rng_state(replay_buffer=None):
 
 
 def restore_rng_state(state, replay_buffer=None):
-    torch.set_rng_state(state["torch"])
+    """Restore what ``capture_rng_state`` captured (also from a checkpoint read onto a GPU)."""
+    torch.set_rng_state(state["torch"].cpu())
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(("MT19937", n["key"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     if replay_buffer is not None and "sampler" in state:
         replay_buffer.set_rng_state(state["sampler"])
 

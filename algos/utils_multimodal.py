@@ -522,7 +522,8 @@ class Normalization:
 
     @classmethod
     def from_state_dict(cls, state):
-        return cls(**{k: (v.numpy().astype(np.float32) if torch.is_tensor(v) else float(v)) for k, v in state.items()})
+        # .cpu(): a checkpoint read with map_location="cuda" holds these on the GPU.
+        return cls(**{k: (v.cpu().numpy().astype(np.float32) if torch.is_tensor(v) else float(v)) for k, v in state.items()})
 
 
 @dataclass
