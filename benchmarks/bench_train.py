@@ -119,7 +119,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed floor/real-step pairs (after 2 warm-up pairs)")
     p.add_argument("--n_rows", type=int, default=5000, help="rows of the synthetic in-memory dataset")
     p.add_argument("--sampler_batches", type=int, default=200)
-    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"), help="as main_multimodal.py --amp")
+    p.add_argument("--amp", default="off", choices=("auto", "bf16", "off"), help="as main_multimodal.py --amp")
     p.add_argument("--compile", action="store_true")
     args = p.parse_args(argv)
     device = torch.device(args.device)
