@@ -57,7 +57,8 @@ def build_parser():
     a("--discount", type=float, default=0.99)
     a("--tau", type=float, default=0.005, help="soft target update rate")
     a("--expectile", type=float, default=0.99,
-      help="CVAE weight of positive-advantage samples (the others get 1 - this), in (0, 1)")
+      help="with --weight_temperature 0: CVAE weight of positive-advantage samples (the others get 1 - this), "
+           "in (0, 1)")
     a("--kl_beta", type=float, default=1.0, help="KL weight of the CVAE loss")
     a("--obs_feature_dim", type=int, default=256, help="fused observation feature size")
     a("--image_feature_dim", type=int, default=128, help="feature size of each ResNet18 trunk")
@@ -75,6 +76,14 @@ def build_parser():
       help="rewards summed along the recorded episode before bootstrapping, in the critic targets and the "
            "advantage (default: 100, the Monte-Carlo return of episodes up to 100 steps; 1: the original "
            "one-step backup)")
+    a("--value_target", default="data", choices=("data", "policy"),
+      help="what V(s) is fitted to: data = an upper expectile of Q_target at the data's own actions (IQL's; "
+           "default); policy = Q_target at the latent policy's action (the original LAPO's)")
+    a("--value_expectile", type=float, default=0.7,
+      help="expectile of the data's Q that V fits with --value_target data, in (0, 1) (default: 0.7)")
+    a("--weight_temperature", type=float, default=0.1,
+      help="CVAE weights exp(A / this), clipped at 100 (default: 0.1, in units of the largest one-step "
+           "reward); 0: the original LAPO's two weights, --expectile and 1 - it")
     a("--encoder_losses", default="critic+vae", choices=("critic", "critic+vae"),
       help="losses whose gradients train the shared encoder (default: critic+vae)")
     a("--image_shift", type=int, default=0, help="random-shift augmentation of training images, in pixels")
@@ -113,6 +122,8 @@ def flag_problems(args):
     need(0 < args.discount <= 1, f"--discount must be in (0, 1], got {args.discount}")
     need(0 < args.tau <= 1, f"--tau must be in (0, 1], got {args.tau}")
     need(0 <= args.doubleq_min <= 1, f"--doubleq_min must be in [0, 1], got {args.doubleq_min}")
+    need(0 < args.value_expectile < 1, f"--value_expectile must be in (0, 1), got {args.value_expectile}")
+    need(args.weight_temperature >= 0, f"--weight_temperature must be >= 0, got {args.weight_temperature}")
     need(args.kl_beta >= 0, f"--kl_beta must be >= 0, got {args.kl_beta}")
     need(args.max_latent_action > 0, f"--max_latent_action must be > 0, got {args.max_latent_action}")
     for name in ("n_step", "batch_size", "max_timesteps", "eval_freq", "save_freq", "obs_feature_dim", "image_feature_dim"):
@@ -428,7 +439,9 @@ def train(args, argv, folder, ckpt_path, device):
                         critic_lr=args.critic_lr, max_latent_action=args.max_latent_action,
                         expectile=args.expectile, kl_beta=args.kl_beta, no_noise=args.no_noise,
                         doubleq_min=args.doubleq_min, encoder_losses=args.encoder_losses,
-                        image_shift=args.image_shift, return_bound=not args.no_return_bound)
+                        image_shift=args.image_shift, return_bound=not args.no_return_bound,
+                        value_target=args.value_target, value_expectile=args.value_expectile,
+                        weight_temperature=args.weight_temperature)
     try:
         agent = algos.make_agent(args.algo, **agent_kwargs)
     except algos.CheckpointError as exc:

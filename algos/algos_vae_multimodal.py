@@ -3,12 +3,18 @@
 LAPO (Chen et al., NeurIPS 2022) learns an advantage-weighted CVAE of the behaviour
 policy and a latent policy that picks, through the CVAE decoder, the mode of the data
 with the highest value. This file follows the original LAPO code (algos_vae.py there)
-line by line on top of an observation encoder, with one departure: target_Q is bounded
-below by the return the data observed to a terminal (``return_bound``, see
-``_critic_targets``). A batch's ``reward`` and ``discount`` are r and gamma * not_done, or
-with the buffer's ``n_step`` > 1 the discounted sum of the next k <= n rewards of the
-recorded episode and gamma^k. ``MultimodalBC`` is the behaviour-cloning baseline with the
-same encoder and data path.
+on top of an observation encoder, with three departures, each a setting that can be
+turned back (README_MULTIMODAL.md has the measurements):
+  * target_Q is bounded below by the return the data observed to a terminal
+    (``return_bound``, see ``_critic_targets``);
+  * V(s) is an upper expectile of Q over the data's own actions, as in IQL
+    (``value_target="data"``), not Q at the latent policy's action: the latter climbs with
+    the actor that maximises Q, and the advantages of the good data go negative with it;
+  * the CVAE's weights are exp(A / ``weight_temperature``), as in AWR, not LAPO's two values.
+A batch's ``reward`` and ``discount`` are r and gamma * not_done, or with the buffer's
+``n_step`` > 1 the discounted sum of the next k <= n rewards of the recorded episode and
+gamma^k. ``MultimodalBC`` is the behaviour-cloning baseline with the same encoder and
+data path.
 
 How the shared encoder is trained (the one place it is decided: ``_train_step``):
   * the critic loss and the CVAE loss reach the encoder; the latent actor sees detached
@@ -37,6 +43,7 @@ CHECKPOINT_FORMAT = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LOSS_CHECK_EVERY = 100   # steps between host reads of the per-step loss record
+MAX_ADVANTAGE_WEIGHT = 100.0   # clip of exp(A / temperature), as in AWR and IQL
 
 
 class CheckpointError(Exception):
@@ -575,7 +582,8 @@ class MultimodalLatent(MultimodalAgent):
                  encoder_lr=3e-4, pretrained_weights=None, amp="off", channels_last=True, compile=False,
                  discount=0.99, tau=0.005, vae_lr=2e-4, actor_lr=2e-4, critic_lr=1e-3, latent_dim=None,
                  max_latent_action=0.5, expectile=0.99, kl_beta=1.0, no_noise=False, doubleq_min=1.0,
-                 encoder_losses="critic+vae", image_shift=0, return_bound=True):
+                 encoder_losses="critic+vae", image_shift=0, return_bound=True, value_target="data",
+                 value_expectile=0.7, weight_temperature=0.1):
         super().__init__(joint_dim, action_dim, image_shape, normalization, replay_buffer, device,
                          obs_feature_dim, image_feature_dim, encoder_lr, pretrained_weights, amp,
                          channels_last, compile, discount, image_shift)
@@ -584,8 +592,14 @@ class MultimodalLatent(MultimodalAgent):
                            critic_lr=float(critic_lr), latent_dim=latent_dim,
                            max_latent_action=float(max_latent_action), expectile=float(expectile),
                            kl_beta=float(kl_beta), no_noise=bool(no_noise), doubleq_min=float(doubleq_min),
-                           encoder_losses=encoder_losses, return_bound=bool(return_bound))
+                           encoder_losses=encoder_losses, return_bound=bool(return_bound),
+                           value_target=value_target, value_expectile=float(value_expectile),
+                           weight_temperature=float(weight_temperature))
+        if value_target not in ("policy", "data"):
+            raise ValueError(f"value_target must be 'policy' or 'data', got {value_target!r}")
         self.return_bound = bool(return_bound)
+        self.value_target, self.value_expectile = value_target, float(value_expectile)
+        self.weight_temperature = float(weight_temperature)
         self.encoder_losses = encoder_losses
         self.tau, self.expectile, self.kl_beta = float(tau), float(expectile), float(kl_beta)
         self.no_noise, self.doubleq_min = bool(no_noise), float(doubleq_min)
@@ -616,16 +630,21 @@ class MultimodalLatent(MultimodalAgent):
     def _policy_action(self, feature):
         return self.actor_vae_target.decode(feature, self.actor(feature))
 
-    def _target_value(self, feature):
-        """V target at s: Q_target(s, a~), a~ = decode_target(s, actor_target(s) + clipped noise)."""
-        latent_action = self.actor_target(feature)
-        if not self.no_noise:
-            latent_action = latent_action + (torch.randn_like(latent_action) * 0.1).clamp(-0.2, 0.2)
-        target_q1, target_q2 = self.critic_target(feature, self.actor_vae_target.decode(feature, latent_action))
+    def _target_value(self, feature, action=None):
+        """V target at s: the target critic's Q at the policy's action (``value_target="policy"``,
+        LAPO's: a~ = decode_target(s, actor_target(s) + clipped noise)), or at the data's own
+        action (``"data"``, IQL's; V is then fitted by an upper expectile, see ``_value_loss``)."""
+        if self.value_target == "policy":
+            latent_action = self.actor_target(feature)
+            if not self.no_noise:
+                latent_action = latent_action + (torch.randn_like(latent_action) * 0.1).clamp(-0.2, 0.2)
+            action = self.actor_vae_target.decode(feature, latent_action)
+        target_q1, target_q2 = self.critic_target(feature, action)
         return self.doubleq_min * torch.min(target_q1, target_q2) + (1 - self.doubleq_min) * torch.max(target_q1, target_q2)
 
-    def _critic_targets(self, feature, next_feature, reward, discount, observed_return=None):
-        """target_Q = r + discount * V(s'); target_V = Q_target(s, a~); both in [min_v, max_v].
+    def _critic_targets(self, feature, next_feature, reward, discount, observed_return=None, action=None):
+        """target_Q = r + discount * V(s'); target_V = Q_target at the data's ``action`` or the
+        policy's (``_target_value``); both in [min_v, max_v].
 
         V(s') comes from the current critic, as in the original LAPO code (critic.v(next_state)):
         with a target V here too, every backup would wait on two lagging targets in a row.
@@ -637,8 +656,26 @@ class MultimodalLatent(MultimodalAgent):
         target_Q = reward + discount * self.critic.v(next_feature)
         if self.return_bound and observed_return is not None:
             target_Q = torch.maximum(target_Q, observed_return)
-        target_V = self._target_value(feature)
+        target_V = self._target_value(feature, action)
         return target_Q.clamp(self.min_v, self.max_v), target_V.clamp(self.min_v, self.max_v)
+
+    def _value_loss(self, current_V, target_V):
+        """MSE for LAPO's V; for V over the data's actions, the expectile loss with
+        ``value_expectile`` (x 2, so that 0.5 is the MSE): an upper expectile of the data's Q
+        is the value of its better actions without asking Q about actions it never saw, so
+        it cannot climb with the latent actor the way Q at the policy's action does."""
+        if self.value_target == "policy":
+            return F.mse_loss(current_V, target_V)
+        error = target_V - current_V
+        return 2 * (torch.where(error > 0, self.value_expectile, 1 - self.value_expectile) * error.pow(2)).mean()
+
+    def _advantage_weight(self, advantage):
+        """CVAE weight of each sample: ``exp(A / weight_temperature)`` clipped at
+        ``MAX_ADVANTAGE_WEIGHT`` (AWR's form), or with temperature 0 LAPO's two weights,
+        ``expectile`` where A > 0 and 1 - ``expectile`` elsewhere."""
+        if self.weight_temperature > 0:
+            return torch.exp(advantage / self.weight_temperature).clamp(max=MAX_ADVANTAGE_WEIGHT)
+        return torch.where(advantage > 0, self.expectile, 1 - self.expectile)
 
     def _advantage(self, feature, next_feature, reward, discount):
         """A = clamp(r + discount * V(s')) - clamp(V(s)) with the current critic."""
@@ -671,10 +708,11 @@ class MultimodalLatent(MultimodalAgent):
         # ---- critic
         with torch.no_grad():
             target_Q, target_V = self._critic_targets(state, next_obs_feature, reward, discount,
-                                                      batch.observed_return)
+                                                      batch.observed_return, action)
         current_Q1, current_Q2 = self.critic(feature, action)
         current_V = self.critic.v(feature)
-        critic_loss = F.mse_loss(current_Q1, target_Q) + F.mse_loss(current_Q2, target_Q) + F.mse_loss(current_V, target_V)
+        critic_loss = (F.mse_loss(current_Q1, target_Q) + F.mse_loss(current_Q2, target_Q)
+                       + self._value_loss(current_V, target_V))
         self.critic_optimizer.zero_grad(set_to_none=True)
         critic_loss.backward()
         self.critic_optimizer.step()
@@ -682,7 +720,7 @@ class MultimodalLatent(MultimodalAgent):
         # ---- advantage-weighted CVAE (advantage from the critic after its step)
         with torch.no_grad():
             advantage = self._advantage(state, next_obs_feature, reward, discount)
-            advantage_weight = torch.where(advantage > 0, self.expectile, 1 - self.expectile)
+            advantage_weight = self._advantage_weight(advantage)
         recon_action, mean, log_var = self.actor_vae(feature if self.encoder_losses != "critic" else state, action)
         recon_loss = (recon_action - action).pow(2).sum(1, keepdim=True)
         kl_loss = -0.5 * (1 + log_var - mean.pow(2) - log_var.exp()).sum(1, keepdim=True)

@@ -103,6 +103,8 @@ def test_fewer_episodes_than_the_split_needs(tmp_path, capsys):
 @pytest.mark.parametrize("flags, needle", [
     (["--expectile", "1.0"], "--expectile must be in (0, 1)"),
     (["--expectile", "0"], "--expectile must be in (0, 1)"),
+    (["--value_expectile", "1"], "--value_expectile must be in (0, 1)"),
+    (["--weight_temperature", "-0.1"], "--weight_temperature must be >= 0"),
     (["--max_timesteps", "0"], "--max_timesteps must be a positive integer"),
     (["--max_timesteps", "-5"], "--max_timesteps must be a positive integer"),
     (["--eval_freq", "0"], "--eval_freq must be a positive integer"),
@@ -305,3 +307,36 @@ def test_two_exp_ids_never_share_files(tmp_path, tiny_dataset):
     q = set(os.listdir(tmp_path / "results" / "Expq" / "multimodal_robot"))
     assert p == q and "progress.csv" in p
     assert sorted(os.listdir(tmp_path / "results")) == ["Expp", "Expq"]
+
+
+def test_value_over_the_data_is_the_expectile_of_its_q(tiny_dataset):
+    """value_target="data": V(s) is fitted to Q_target at the data's own action by the
+    expectile loss, so with targets 0 and 1 equally often it settles at the expectile."""
+    buffer = utils.MultimodalReplayBuffer(utils.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
+    agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu",
+                                   value_target="data", value_expectile=0.8)
+    agent.critic_target = lambda feature, action: (action[:, :1], action[:, :1] + 1)   # Q_t(s, a) = a[0]
+    feature, action = torch.zeros(4, 32), torch.zeros(4, agent.action_dim)
+    action[:, 0] = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    with torch.no_grad():
+        _, target_V = agent._critic_targets(feature, feature, torch.zeros(4, 1), torch.ones(4, 1), action=action)
+    assert target_V.squeeze(1).tolist() == [0.0, 1.0, 0.0, 1.0]
+    value = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([value], lr=0.1)
+    for _ in range(500):
+        opt.zero_grad()
+        agent._value_loss(value.expand(4, 1), target_V).backward()
+        opt.step()
+    assert value.item() == pytest.approx(0.8, abs=1e-3)
+
+
+def test_advantage_weights_exponential_or_two_valued(tiny_dataset):
+    buffer = utils.MultimodalReplayBuffer(utils.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
+    advantage = torch.tensor([[-1.0], [0.0], [0.05], [1.0]])
+    two_valued = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16,
+                                        device="cpu", expectile=0.9)
+    assert two_valued._advantage_weight(advantage).squeeze(1).tolist() == pytest.approx([0.1, 0.1, 0.9, 0.9])
+    exponential = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16,
+                                         device="cpu", weight_temperature=0.1)
+    expected = [float(np.exp(-10)), 1.0, float(np.exp(0.5)), algos.MAX_ADVANTAGE_WEIGHT]
+    assert exponential._advantage_weight(advantage).squeeze(1).tolist() == pytest.approx(expected)
