@@ -279,7 +279,8 @@ def test_value_targets_are_clamped(tiny_dataset):
         for net in (agent.critic.v_net, agent.critic_target.q1_net, agent.critic_target.q2_net):
             net[-1].bias.fill_(1e6)
         feature = torch.zeros(5, 32)
-        target_Q, target_V = agent._critic_targets(feature, feature, torch.ones(5, 1), torch.ones(5, 1))
+        action = torch.zeros(5, agent.action_dim)
+        target_Q, target_V = agent._critic_targets(feature, feature, torch.ones(5, 1), torch.ones(5, 1), action=action)
     assert (target_Q == agent.max_v).all() and (target_V == agent.max_v).all()
 
 
@@ -294,7 +295,8 @@ def test_observed_return_bounds_the_q_target_from_below(tiny_dataset, return_bou
         feature = torch.zeros(3, 32)
         reward = torch.zeros(3, 1)
         observed = torch.tensor([[0.5], [-0.5], [float("-inf")]])
-        target_Q, _ = agent._critic_targets(feature, feature, reward, torch.ones(3, 1), observed)
+        target_Q, _ = agent._critic_targets(feature, feature, reward, torch.ones(3, 1), observed,
+                                            action=torch.zeros(3, agent.action_dim))
     expected = [0.5, 0.0, 0.0] if return_bound else [0.0, 0.0, 0.0]
     assert target_Q.squeeze(1).tolist() == pytest.approx(expected)
 
@@ -334,7 +336,7 @@ def test_advantage_weights_exponential_or_two_valued(tiny_dataset):
     buffer = utils.MultimodalReplayBuffer(utils.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
     advantage = torch.tensor([[-1.0], [0.0], [0.05], [1.0]])
     two_valued = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16,
-                                        device="cpu", expectile=0.9)
+                                        device="cpu", expectile=0.9, weight_temperature=0)
     assert two_valued._advantage_weight(advantage).squeeze(1).tolist() == pytest.approx([0.1, 0.1, 0.9, 0.9])
     exponential = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16,
                                          device="cpu", weight_temperature=0.1)
