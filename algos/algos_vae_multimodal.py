@@ -630,7 +630,7 @@ class MultimodalLatent(MultimodalAgent):
     def _policy_action(self, feature):
         return self.actor_vae_target.decode(feature, self.actor(feature))
 
-    def _target_value(self, feature, action=None):
+    def _target_value(self, feature, action):
         """V target at s: the target critic's Q at the policy's action (``value_target="policy"``,
         LAPO's: a~ = decode_target(s, actor_target(s) + clipped noise)), or at the data's own
         action (``"data"``, IQL's; V is then fitted by an upper expectile, see ``_value_loss``)."""
@@ -642,7 +642,7 @@ class MultimodalLatent(MultimodalAgent):
         target_q1, target_q2 = self.critic_target(feature, action)
         return self.doubleq_min * torch.min(target_q1, target_q2) + (1 - self.doubleq_min) * torch.max(target_q1, target_q2)
 
-    def _critic_targets(self, feature, next_feature, reward, discount, observed_return=None, action=None):
+    def _critic_targets(self, feature, next_feature, reward, discount, action, observed_return=None):
         """target_Q = r + discount * V(s'); target_V = Q_target at the data's ``action`` or the
         policy's (``_target_value``); both in [min_v, max_v].
 
@@ -707,8 +707,8 @@ class MultimodalLatent(MultimodalAgent):
 
         # ---- critic
         with torch.no_grad():
-            target_Q, target_V = self._critic_targets(state, next_obs_feature, reward, discount,
-                                                      batch.observed_return, action)
+            target_Q, target_V = self._critic_targets(state, next_obs_feature, reward, discount, action,
+                                                      batch.observed_return)
         current_Q1, current_Q2 = self.critic(feature, action)
         current_V = self.critic.v(feature)
         critic_loss = (F.mse_loss(current_Q1, target_Q) + F.mse_loss(current_Q2, target_Q)

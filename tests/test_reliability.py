@@ -280,7 +280,7 @@ def test_value_targets_are_clamped(tiny_dataset):
             net[-1].bias.fill_(1e6)
         feature = torch.zeros(5, 32)
         action = torch.zeros(5, agent.action_dim)
-        target_Q, target_V = agent._critic_targets(feature, feature, torch.ones(5, 1), torch.ones(5, 1), action=action)
+        target_Q, target_V = agent._critic_targets(feature, feature, torch.ones(5, 1), torch.ones(5, 1), action)
     assert (target_Q == agent.max_v).all() and (target_V == agent.max_v).all()
 
 
@@ -295,8 +295,8 @@ def test_observed_return_bounds_the_q_target_from_below(tiny_dataset, return_bou
         feature = torch.zeros(3, 32)
         reward = torch.zeros(3, 1)
         observed = torch.tensor([[0.5], [-0.5], [float("-inf")]])
-        target_Q, _ = agent._critic_targets(feature, feature, reward, torch.ones(3, 1), observed,
-                                            action=torch.zeros(3, agent.action_dim))
+        target_Q, _ = agent._critic_targets(feature, feature, reward, torch.ones(3, 1),
+                                            torch.zeros(3, agent.action_dim), observed)
     expected = [0.5, 0.0, 0.0] if return_bound else [0.0, 0.0, 0.0]
     assert target_Q.squeeze(1).tolist() == pytest.approx(expected)
 
@@ -321,7 +321,7 @@ def test_value_over_the_data_is_the_expectile_of_its_q(tiny_dataset):
     feature, action = torch.zeros(4, 32), torch.zeros(4, agent.action_dim)
     action[:, 0] = torch.tensor([0.0, 1.0, 0.0, 1.0])
     with torch.no_grad():
-        _, target_V = agent._critic_targets(feature, feature, torch.zeros(4, 1), torch.ones(4, 1), action=action)
+        _, target_V = agent._critic_targets(feature, feature, torch.zeros(4, 1), torch.ones(4, 1), action)
     assert target_V.squeeze(1).tolist() == [0.0, 1.0, 0.0, 1.0]
     value = torch.zeros(1, requires_grad=True)
     opt = torch.optim.SGD([value], lr=0.1)
