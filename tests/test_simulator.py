@@ -11,7 +11,7 @@ import torch
 from algos import algos_vae_multimodal as algos
 from algos import simulator
 from algos import utils_multimodal as utils
-from conftest import TINY_TRAIN, run_cli
+from conftest import ROOT, TINY_TRAIN, run_cli
 
 
 def test_interface_shapes_and_episode_end():
@@ -170,3 +170,41 @@ def test_short_lapo_run_improves_over_its_untrained_self(tmp_path):
     agent.train(400, 32)
     after = score()
     assert after > before + 0.3, (before, after)
+
+
+def test_closed_loop_diagnostic_compares_each_visited_state_with_the_expert(tmp_path, sim_dataset):
+    """benchmarks/closed_loop.py: a policy that holds still is reported as moving 0 of the
+    expert's step at every state it visits, binned by the distance the simulator reports;
+    the CLI prints the table for a real checkpoint and names a file without a simulator."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("closed_loop", os.path.join(ROOT, "benchmarks", "closed_loop.py"))
+    closed_loop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(closed_loop)
+
+    class HoldStill:
+        normalization = utils.Normalization.from_data(np.zeros((2, 16), np.float32), np.ones((2, 16), np.float32),
+                                                      np.ones(2, np.float32), 0.99, relative_actions="all")
+        normalization.action_relative[[7, 15]] = 0   # grippers: absolute
+
+        def select_action(self, left, right, global_, joint):
+            return joint.copy()
+
+    with h5py.File(sim_dataset) as f:
+        name, config = simulator.simulator_from_attrs(dict(f.attrs))
+    config = dict(config, max_steps=6)
+    records, successes = closed_loop.compare_with_expert(HoldStill(), name, config, seeds=[5, 6])
+    assert len(records) == 12 and not successes.any()          # 2 episodes x 6 steps, none solved
+    assert np.all(records[:, 3] == 0) and np.all(np.isfinite(records[:, 0]))
+    rows = closed_loop.summary_rows(records, successes)
+    assert sum(row[2] for row in rows) == 12
+    assert all(label == "failed" for _, label, *_ in rows)
+
+    agent = algos.MultimodalLatent(image_shape=(16, 16), obs_feature_dim=32, image_feature_dim=16, device="cpu")
+    agent.save("model_0", str(tmp_path))
+    res = run_cli("benchmarks/closed_loop.py", "--data", sim_dataset, "--episodes", 2, tmp_path / "model_0.pth")
+    assert res.returncode == 0, res.stderr
+    assert "| distance to goal |" in res.stdout and "over 2 episodes" in res.stdout
+    no_sim = tmp_path / "plain.hdf5"
+    h5py.File(no_sim, "w").close()
+    res = run_cli("benchmarks/closed_loop.py", "--data", no_sim, tmp_path / "model_0.pth")
+    assert res.returncode != 0 and "plain.hdf5" in res.stderr and "names a simulator" in res.stderr
