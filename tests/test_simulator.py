@@ -198,6 +198,9 @@ def test_closed_loop_diagnostic_compares_each_visited_state_with_the_expert(tmp_
     rows = closed_loop.summary_rows(records, successes)
     assert sum(row[2] for row in rows) == 12
     assert all(label == "failed" for _, label, *_ in rows)
+    no_distance = records.copy()
+    no_distance[:, 0] = np.nan   # a plug-in simulator whose info has no "distance"
+    assert [row[:3] for row in closed_loop.summary_rows(no_distance, successes)] == [("not reported", "failed", 12)]
 
     agent = algos.MultimodalLatent(image_shape=(16, 16), obs_feature_dim=32, image_feature_dim=16, device="cpu")
     agent.save("model_0", str(tmp_path))
