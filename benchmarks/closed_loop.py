@@ -10,8 +10,8 @@ and split into episodes that succeeded and episodes that failed:
 
   * for action dims learned as a change of their joint (the joint-target dims): the cosine
     between the policy's and the expert's joint step, and the ratio of their lengths;
-  * for the other dims (grippers): the fraction of steps where both are on the same side of
-    the middle of the expert's range.
+  * for the other dims (grippers, 0 open to 1 closed): the fraction of steps where both are
+    on the same side of 0.5.
 
 Held-out rows of the data only show how well the policy copies actions on states the
 expert visited; a policy drifts into states of its own, and this shows what it does there.
@@ -38,7 +38,7 @@ def compare_with_expert(agent, name, config, seeds, expert="expert"):
 
     Each record: distance before the step, episode index, cosine and length ratio of the
     policy's joint step against the expert's (nan without joint-target dims), and the
-    fraction of the other dims on the expert's side of the middle (nan without any).
+    fraction of the other dims on the expert's side of 0.5 (nan without any).
     """
     envs = [simulator.make_simulator(name, config) for _ in seeds]
     obs = [env.reset(seed=int(s)) for env, s in zip(envs, seeds)]
