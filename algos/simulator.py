@@ -324,12 +324,15 @@ def simulator_from_attrs(attrs):
 
 
 # ------------------------------------------------------------------ rollouts
-def rollout(envs, act, seeds):
+def rollout(envs, act, seeds, step=None):
     """Roll out ``act`` in lockstep on one env per seed; returns (returns, successes, lengths).
 
     ``act(obs_list) -> array [len(obs_list), action_dim]`` sees only the envs still
-    running, so a learned policy is evaluated as one batch per step.
+    running, so a learned policy is evaluated as one batch per step. ``step(i, obs, action)``,
+    if given, replaces ``envs[i].step(action)`` (same return), for a caller that looks at
+    each state around its step (benchmarks/closed_loop.py asks an expert there).
     """
+    step = step or (lambda i, obs, action: envs[i].step(action))
     obs = [env.reset(seed=int(s)) for env, s in zip(envs, seeds)]
     returns = np.zeros(len(envs))
     successes = np.zeros(len(envs), bool)
@@ -339,7 +342,7 @@ def rollout(envs, act, seeds):
         actions = act([obs[i] for i in running])
         still = []
         for i, action in zip(running, actions):
-            obs[i], reward, terminated, truncated, info = envs[i].step(action)
+            obs[i], reward, terminated, truncated, info = step(i, obs[i], action)
             returns[i] += reward
             lengths[i] += 1
             successes[i] |= bool(info.get("success", terminated))

@@ -41,35 +41,32 @@ def compare_with_expert(agent, name, config, seeds, expert="expert"):
     fraction of the other dims on the expert's side of 0.5 (nan without any).
     """
     envs = [simulator.make_simulator(name, config) for _ in seeds]
-    obs = [env.reset(seed=int(s)) for env, s in zip(envs, seeds)]
     experts = [env.reference_policy(expert, int(s)) for env, s in zip(envs, seeds)]
     relative = agent.normalization.action_relative.astype(bool)
+    other = ~relative
     distance = np.full(len(envs), np.nan)
-    successes = np.zeros(len(envs), bool)
-    records, running = [], list(range(len(envs)))
-    while running:
-        batch = [obs[i] for i in running]
-        actions = agent.select_action(*(np.stack([o[k] for o in batch]) for k in IMAGE_KEYS),
-                                      np.stack([o["joint"] for o in batch]))
-        still = []
-        for i, action in zip(running, actions):
-            expert_action = np.asarray(experts[i](envs[i]), np.float32)
-            joint = obs[i]["joint"]
-            policy_step, expert_step = (action - joint)[relative], (expert_action - joint)[relative]
-            norms = np.linalg.norm(policy_step), np.linalg.norm(expert_step)
-            cosine = policy_step @ expert_step / max(norms[0] * norms[1], 1e-12) if relative.any() else np.nan
-            ratio = norms[0] / max(norms[1], 1e-12) if relative.any() else np.nan
-            other = ~relative
-            agree = np.mean((action[other] > 0.5) == (expert_action[other] > 0.5)) if other.any() else np.nan
-            obs[i], _, terminated, truncated, info = envs[i].step(action)
-            # the distance before this step: the previous step's report (the first step's for t = 0)
-            before = distance[i] if np.isfinite(distance[i]) else info.get("distance", np.nan)
-            records.append((before, i, cosine, ratio, agree))
-            distance[i] = info.get("distance", np.nan)
-            successes[i] |= bool(info.get("success", terminated))
-            if not (terminated or truncated):
-                still.append(i)
-        running = still
+    records = []
+
+    def act(batch):
+        return agent.select_action(*(np.stack([o[k] for o in batch]) for k in IMAGE_KEYS),
+                                   np.stack([o["joint"] for o in batch]))
+
+    def step_and_compare(i, obs, action):
+        expert_action = np.asarray(experts[i](envs[i]), np.float32)   # asked, never acted on
+        policy_step, expert_step = (action - obs["joint"])[relative], (expert_action - obs["joint"])[relative]
+        norms = np.linalg.norm(policy_step), np.linalg.norm(expert_step)
+        cosine = policy_step @ expert_step / max(norms[0] * norms[1], 1e-12) if relative.any() else np.nan
+        ratio = norms[0] / max(norms[1], 1e-12) if relative.any() else np.nan
+        agree = np.mean((action[other] > 0.5) == (expert_action[other] > 0.5)) if other.any() else np.nan
+        result = envs[i].step(action)
+        info = result[4]
+        # the distance before this step: the previous step's report (the first step's for t = 0)
+        before = distance[i] if np.isfinite(distance[i]) else info.get("distance", np.nan)
+        records.append((before, i, cosine, ratio, agree))
+        distance[i] = info.get("distance", np.nan)
+        return result
+
+    _, successes, _ = simulator.rollout(envs, act, seeds, step=step_and_compare)
     return np.array(records, dtype=np.float64).reshape(-1, 5), successes
 
 
