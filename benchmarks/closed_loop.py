@@ -13,6 +13,10 @@ and split into episodes that succeeded and episodes that failed:
   * for the other dims (grippers, 0 open to 1 closed): the fraction of steps where both are
     on the same side of 0.5.
 
+Then it rolls out twice more, executing the expert's joint-target dims instead of the
+policy's, and then its other dims: the success of each says which part of the action
+the failures come from.
+
 Held-out rows of the data only show how well the policy copies actions on states the
 expert visited; a policy drifts into states of its own, and this shows what it does there.
 """
@@ -33,13 +37,17 @@ FRESH_SEED_BASE = 2_000_000   # as benchmarks/lapo_vs_bc.py: seeds neither train
 DISTANCE_BINS = (np.inf, 0.5, 0.25, 0.1, 0.0)
 
 
-def compare_with_expert(agent, name, config, seeds, expert="expert"):
+def compare_with_expert(agent, name, config, seeds, expert="expert", expert_dims=None):
     """Roll ``agent`` out on one env per seed; returns (per-step records, successes).
 
     Each record: distance before the step, episode index, cosine and length ratio of the
     policy's joint step against the expert's (nan without joint-target dims), and the
     fraction of the other dims on the expert's side of 0.5 (nan without any).
+    ``expert_dims`` ("joint_targets" or "other"): those dims of the executed action are
+    the expert's instead of the policy's.
     """
+    if expert_dims not in (None, "joint_targets", "other"):
+        raise ValueError(f"expert_dims must be None, 'joint_targets' or 'other', got {expert_dims!r}")
     envs = [simulator.make_simulator(name, config) for _ in seeds]
     experts = [env.reference_policy(expert, int(s)) for env, s in zip(envs, seeds)]
     relative = agent.normalization.action_relative.astype(bool)
@@ -58,6 +66,8 @@ def compare_with_expert(agent, name, config, seeds, expert="expert"):
         cosine = policy_step @ expert_step / max(norms[0] * norms[1], 1e-12) if relative.any() else np.nan
         ratio = norms[0] / max(norms[1], 1e-12) if relative.any() else np.nan
         agree = np.mean((action[other] > 0.5) == (expert_action[other] > 0.5)) if other.any() else np.nan
+        if expert_dims is not None:
+            action = np.where(relative if expert_dims == "joint_targets" else other, expert_action, action)
         result = envs[i].step(action)
         info = result[4]
         # the distance before this step: the previous step's report (the first step's for t = 0)
@@ -120,6 +130,10 @@ def main(argv=None):
         print("|---|---|---|---|---|---|")
         for bin_label, label, n, cosine, ratio, agree in summary_rows(records, successes):
             print(f"| {bin_label} | {label} | {n} | {cosine:.2f} | {ratio:.2f} | {agree:.2f} |")
+        with_expert = {dims: compare_with_expert(agent, name, config, seeds, expert_dims=dims)[1].mean()
+                       for dims in ("joint_targets", "other")}
+        print(f"success with the expert's joint-target dims executed instead of the policy's: "
+              f"{with_expert['joint_targets']:.2f}; with its other dims: {with_expert['other']:.2f}")
 
 
 if __name__ == "__main__":

@@ -201,12 +201,21 @@ def test_closed_loop_diagnostic_compares_each_visited_state_with_the_expert(tmp_
     no_distance = records.copy()
     no_distance[:, 0] = np.nan   # a plug-in simulator whose info has no "distance"
     assert [row[:3] for row in closed_loop.summary_rows(no_distance, successes)] == [("not reported", "failed", 12)]
+    # executing the expert's joint targets moves the arms to the goal; the records still judge
+    # the policy's own (hold-still) step
+    moved, _ = closed_loop.compare_with_expert(HoldStill(), name, config, seeds=[5, 6], expert_dims="joint_targets")
+    for episode in (0, 1):
+        distance = moved[moved[:, 1] == episode, 0]
+        assert distance[-1] < distance[0] - 0.1
+        assert np.all(records[records[:, 1] == episode, 0] == records[records[:, 1] == episode, 0][0])
+    assert np.all(moved[:, 3] == 0)
 
     agent = algos.MultimodalLatent(image_shape=(16, 16), obs_feature_dim=32, image_feature_dim=16, device="cpu")
     agent.save("model_0", str(tmp_path))
     res = run_cli("benchmarks/closed_loop.py", "--data", sim_dataset, "--episodes", 2, tmp_path / "model_0.pth")
     assert res.returncode == 0, res.stderr
     assert "| distance to goal |" in res.stdout and "over 2 episodes" in res.stdout
+    assert "success with the expert's joint-target dims" in res.stdout
     no_sim = tmp_path / "plain.hdf5"
     h5py.File(no_sim, "w").close()
     res = run_cli("benchmarks/closed_loop.py", "--data", no_sim, tmp_path / "model_0.pth")
