@@ -175,6 +175,7 @@ def test_short_lapo_run_improves_over_its_untrained_self(tmp_path):
 def test_closed_loop_diagnostic_compares_each_visited_state_with_the_expert(tmp_path, sim_dataset):
     """benchmarks/closed_loop.py: a policy that holds still is reported as moving 0 of the
     expert's step at every state it visits, binned by the distance the simulator reports;
+    executing the expert's joint targets instead moves the arms, its grippers alone do not;
     the CLI prints the table for a real checkpoint and names a file without a simulator."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("closed_loop", os.path.join(ROOT, "benchmarks", "closed_loop.py"))
@@ -209,6 +210,9 @@ def test_closed_loop_diagnostic_compares_each_visited_state_with_the_expert(tmp_
         assert distance[-1] < distance[0] - 0.1
         assert np.all(records[records[:, 1] == episode, 0] == records[records[:, 1] == episode, 0][0])
     assert np.all(moved[:, 3] == 0)
+    # the expert's grippers alone leave the hold-still arms where they are
+    gripped, _ = closed_loop.compare_with_expert(HoldStill(), name, config, seeds=[5, 6], expert_dims="other")
+    assert np.array_equal(gripped[:, 0], records[:, 0])
 
     agent = algos.MultimodalLatent(image_shape=(16, 16), obs_feature_dim=32, image_feature_dim=16, device="cpu")
     agent.save("model_0", str(tmp_path))
