@@ -33,7 +33,7 @@ from algos import utils_multimodal as utils
 DEMO = {"hdf5_path": os.path.join("results", "sample_data.hdf5"), "n_samples": 4000, "image_size": 32,
         "max_timesteps": 1000, "eval_freq": 250, "save_freq": 500}
 EVAL_SEED_BASE = 1_000_000     # rollout seeds; the sample data is recorded from other seeds
-EXIT_BAD_INPUT, EXIT_NONFINITE = 2, 3
+EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_WRITE_FAILED = 2, 3, 4
 
 
 class UserError(Exception):
@@ -608,6 +608,9 @@ def main(argv=None):
     except NonFiniteLoss as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_NONFINITE
+    except algos.CheckpointError as exc:   # e.g. a full disk while saving; earlier checkpoints are intact
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
     except KeyboardInterrupt:
         print("\nAborted by a second interrupt; the last complete checkpoint is kept.", file=sys.stderr)
         return 130

@@ -30,6 +30,7 @@ import copy
 import inspect
 import os
 import random
+import shutil
 
 import numpy as np
 import torch
@@ -290,6 +291,14 @@ def atomic_torch_save(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        # a full disk surfaces from torch's zip writer as "unexpected pos ...": say so
+        try:
+            free = f"; {shutil.disk_usage(directory).free / 2**20:.0f} MiB free on its disk"
+        except OSError:
+            free = ""
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        raise CheckpointError(path, f"cannot write the checkpoint ({reason}{free})") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

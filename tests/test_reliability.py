@@ -207,6 +207,22 @@ def test_repeated_sigkill_never_leaves_a_broken_checkpoint(tmp_path, tiny_datase
     assert steps == sorted(set(steps)), steps   # resume dropped rows past its checkpoint: no repeats
 
 
+def test_a_checkpoint_that_cannot_be_written_is_an_error_naming_it(tmp_path, tiny_dataset, monkeypatch, capsys):
+    """A full disk while saving (torch's zip writer then says only "unexpected pos"): exit
+    status 4, one line naming the checkpoint and the free space, no traceback, no temporary
+    file left behind."""
+    def full_disk(obj, f):
+        f.write(b"PK")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 161741504 vs 161741392")
+    monkeypatch.setattr(algos.torch, "save", full_disk)
+    code = train_in_process(tmp_path, tiny_dataset)
+    err = capsys.readouterr().err
+    assert code == main_multimodal.EXIT_WRITE_FAILED, err
+    assert "cannot write the checkpoint (" in err and "unexpected pos" in err and "MiB free on its disk" in err
+    assert ".pth" in err and "Traceback" not in err
+    assert not list(tmp_path.rglob(".tmp-*")) and not list(tmp_path.rglob("model_*.pth"))
+
+
 # --------------------------------------------------------------------------- interruption
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_a_checkpoint_and_resume_continues_the_log(tmp_path, tiny_dataset, sig):
