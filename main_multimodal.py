@@ -332,10 +332,7 @@ class RolloutEvaluator:
         self.references = simulator.reference_returns(name, config, self.seeds)
 
     def __call__(self, agent):
-        def act(obs_list):
-            return agent.select_action(*(np.stack([o[k] for o in obs_list]) for k in utils.IMAGE_KEYS),
-                                       np.stack([o["joint"] for o in obs_list]))
-        returns, successes, _ = simulator.rollout(self.envs, act, self.seeds)
+        returns, successes, _ = simulator.rollout(self.envs, agent.act_on_observations, self.seeds)
         avg = float(returns.mean())
         return {"AverageReturn": avg, "StdReturn": float(returns.std()), "SuccessRate": float(successes.mean()),
                 "NormalizedScore": simulator.normalized_score(avg, self.references)}

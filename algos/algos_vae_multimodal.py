@@ -467,6 +467,12 @@ class MultimodalAgent:
         action = self.normalization.unnormalize_action(action.cpu().numpy(), raw_joint).astype(np.float32)
         return action[0] if single else action
 
+    def act_on_observations(self, observations):
+        """Actions for a list of observation dicts as a simulator returns them (the images
+        under ``IMAGE_KEYS`` and ``joint``), as one batch: ``simulator.rollout``'s ``act``."""
+        return self.select_action(*(np.stack([o[k] for o in observations]) for k in IMAGE_KEYS),
+                                  np.stack([o["joint"] for o in observations]))
+
     @torch.no_grad()
     def offline_metrics(self, buffer=None):
         """Held-out metrics on the buffer's fixed test rows (no randomness consumed)."""

@@ -31,7 +31,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from algos import algos_vae_multimodal as algos  # noqa: E402
 from algos import simulator  # noqa: E402
-from algos.utils_multimodal import IMAGE_KEYS  # noqa: E402
 
 FRESH_SEED_BASE = 2_000_000   # as benchmarks/lapo_vs_bc.py: seeds neither training nor the data used
 DISTANCE_BINS = (np.inf, 0.5, 0.25, 0.1, 0.0)
@@ -55,10 +54,6 @@ def compare_with_expert(agent, name, config, seeds, expert="expert", expert_dims
     distance = np.full(len(envs), np.nan)
     records = []
 
-    def act(batch):
-        return agent.select_action(*(np.stack([o[k] for o in batch]) for k in IMAGE_KEYS),
-                                   np.stack([o["joint"] for o in batch]))
-
     def step_and_compare(i, obs, action):
         expert_action = np.asarray(experts[i](envs[i]), np.float32)   # asked, never acted on
         policy_step, expert_step = (action - obs["joint"])[relative], (expert_action - obs["joint"])[relative]
@@ -76,7 +71,7 @@ def compare_with_expert(agent, name, config, seeds, expert="expert", expert_dims
         distance[i] = info.get("distance", np.nan)
         return result
 
-    _, successes, _ = simulator.rollout(envs, act, seeds, step=step_and_compare)
+    _, successes, _ = simulator.rollout(envs, agent.act_on_observations, seeds, step=step_and_compare)
     return np.array(records, dtype=np.float64).reshape(-1, 5), successes
 
 

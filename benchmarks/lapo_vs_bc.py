@@ -23,7 +23,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from algos import algos_vae_multimodal as algos  # noqa: E402
 from algos import simulator  # noqa: E402
-from algos.utils_multimodal import IMAGE_KEYS  # noqa: E402
 
 FRESH_SEED_BASE = 2_000_000   # training evaluates on 1_000_000+; the data uses other seeds
 
@@ -72,11 +71,7 @@ def run_wall_time(folder):
 def evaluate(checkpoint, sim_name, sim_config, seeds):
     agent = algos.MultimodalAgent.from_checkpoint(checkpoint, device="cpu")
     envs = [simulator.make_simulator(sim_name, sim_config) for _ in seeds]
-
-    def act(obs):
-        return agent.select_action(*(np.stack([o[k] for o in obs]) for k in IMAGE_KEYS),
-                                   np.stack([o["joint"] for o in obs]))
-    returns, successes, _ = simulator.rollout(envs, act, seeds)
+    returns, successes, _ = simulator.rollout(envs, agent.act_on_observations, seeds)
     return float(returns.mean()), float(successes.mean())
 
 
