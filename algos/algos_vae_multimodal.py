@@ -318,6 +318,9 @@ def read_checkpoint(path, map_location="cpu"):
                                     f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "config" not in ckpt:
         raise CheckpointError(path, "not a Multimodal LAPO checkpoint")
+    agent_cls = AGENTS.get(ckpt.get("algo"))
+    if agent_cls is not None:   # a setting the checkpoint predates keeps the algorithm it was trained with
+        ckpt["config"] = {**agent_cls.settings_before_they_existed, **ckpt["config"]}
     return ckpt
 
 
@@ -329,6 +332,10 @@ class MultimodalAgent:
     algo = None
     loss_names = ()
     needs_next_obs = True
+    # Settings added after checkpoints were first written, each with the value that gives
+    # the algorithm as it was before the setting existed: a run resumed from an older
+    # checkpoint goes on with the algorithm it started with, not with today's defaults.
+    settings_before_they_existed = {}
 
     def __init__(self, joint_dim=16, action_dim=16, image_shape=(84, 84), normalization=None,
                  replay_buffer=None, device=None, obs_feature_dim=256, image_feature_dim=128,
@@ -588,6 +595,7 @@ class MultimodalLatent(MultimodalAgent):
     """LAPO on the multimodal observation feature (see the module docstring)."""
 
     algo = "lapo"
+    settings_before_they_existed = {"return_bound": False, "value_target": "policy", "weight_temperature": 0.0}
     loss_names = ("critic_loss", "vae_loss", "actor_loss", "recon_loss", "kl_loss",
                   "q_mean", "v_mean", "advantage_mean", "positive_advantage_frac")
     needs_next_obs = True

@@ -172,3 +172,19 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path):
     torch.save({"conv1.weight": torch.zeros(3)}, bad)
     with pytest.raises(algos.CheckpointError, match="not a torchvision ResNet18"):
         algos.ObservationEncoder(16, 16, 32, pretrained_weights=str(bad))
+
+
+def test_a_checkpoint_older_than_a_setting_resumes_with_the_algorithm_it_was_trained_with(lapo, tmp_path):
+    """Resuming a run must not switch it to today's defaults half way."""
+    lapo.train(2, 8)
+    path = lapo.save("model_old", str(tmp_path))
+    ckpt = torch.load(path, weights_only=True)
+    for key in algos.MultimodalLatent.settings_before_they_existed:
+        del ckpt["config"][key]
+    torch.save(ckpt, path)
+    resumed = algos.MultimodalLatent(**SMALL)
+    resumed.load(path)
+    for agent in (algos.MultimodalAgent.from_checkpoint(path), resumed):
+        assert (agent.return_bound, agent.value_target, agent.weight_temperature) == (False, "policy", 0.0)
+    fresh = algos.MultimodalLatent(**SMALL)   # a new run gets today's defaults
+    assert (fresh.return_bound, fresh.value_target, fresh.weight_temperature) == (True, "data", 0.1)
