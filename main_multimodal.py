@@ -207,7 +207,10 @@ def latest_checkpoint(folder):
     candidates = [(step, path) for step, path in step_checkpoints(folder).items()]
     final = os.path.join(folder, "model_final.pth")
     if os.path.isfile(final):
-        candidates.append((int(algos.read_checkpoint(final)["total_it"]), final))
+        try:
+            candidates.append((int(algos.read_checkpoint(final)["total_it"]), final))
+        except algos.CheckpointError as exc:   # unreadable input (exit 2), not a failed write (exit 4)
+            raise UserError(str(exc)) from None
     if not candidates:
         return None
     return max(candidates)[1]
@@ -605,7 +608,7 @@ def main(argv=None):
     except NonFiniteLoss as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_NONFINITE
-    except algos.CheckpointError as exc:   # e.g. a full disk while saving; earlier checkpoints are intact
+    except algos.CheckpointError as exc:   # a checkpoint that cannot be written (reads are UserErrors)
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_WRITE_FAILED
     except KeyboardInterrupt:

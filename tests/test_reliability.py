@@ -163,6 +163,11 @@ def test_corrupt_checkpoints_raise_a_clear_error(tmp_path, tiny_dataset, damage,
     capsys.readouterr()
     code = train_in_process(tmp_path, tiny_dataset, "--max_timesteps", "4", "--load_model", "c:2", exp="c2")
     assert_refused(tmp_path, capsys, code, str(path), exp="c2")
+    final = folder / "model_final.pth"   # --resume reads it to find the latest step
+    final.write_bytes(b"\x00" * 10)
+    code = train_in_process(tmp_path, tiny_dataset, "--max_timesteps", "4", "--resume", exp="c")
+    err = capsys.readouterr().err
+    assert code == main_multimodal.EXIT_BAD_INPUT and str(final) in err and "Traceback" not in err, err
 
 
 def wait_for(predicate, timeout=120):
