@@ -84,9 +84,6 @@ def build_parser():
     a("--weight_temperature", type=float, default=0.1,
       help="CVAE weights exp(A / this), clipped at 100 (default: 0.1, in units of the largest one-step "
            "reward); 0: the original LAPO's two weights, --expectile and 1 - it")
-    a("--act_with_online_encoder", action="store_true",
-      help="the policy acts through the encoder being trained, not its Polyak average (--tau), which "
-           "saves a copy of the encoder (about 130 MB in memory and in each checkpoint)")
     a("--encoder_losses", default="critic+vae", choices=("critic", "critic+vae"),
       help="losses whose gradients train the shared encoder (default: critic+vae)")
     a("--image_shift", type=int, default=0, help="random-shift augmentation of training images, in pixels")
@@ -444,8 +441,7 @@ def train(args, argv, folder, ckpt_path, device):
                         doubleq_min=args.doubleq_min, encoder_losses=args.encoder_losses,
                         image_shift=args.image_shift, return_bound=not args.no_return_bound,
                         value_target=args.value_target, value_expectile=args.value_expectile,
-                        weight_temperature=args.weight_temperature,
-                        act_with_encoder_target=not args.act_with_online_encoder)
+                        weight_temperature=args.weight_temperature)
     try:
         agent = algos.make_agent(args.algo, **agent_kwargs)
     except algos.CheckpointError as exc:

@@ -3,16 +3,14 @@
 LAPO (Chen et al., NeurIPS 2022) learns an advantage-weighted CVAE of the behaviour
 policy and a latent policy that picks, through the CVAE decoder, the mode of the data
 with the highest value. This file follows the original LAPO code (algos_vae.py there)
-on top of an observation encoder, with four departures, each a setting that can be
+on top of an observation encoder, with three departures, each a setting that can be
 turned back (README_MULTIMODAL.md has the measurements):
   * target_Q is bounded below by the return the data observed to a terminal
     (``return_bound``, see ``_critic_targets``);
   * V(s) is an upper expectile of Q over the data's own actions, as in IQL
     (``value_target="data"``), not Q at the latent policy's action: the latter climbs with
     the actor that maximises Q, and the advantages of the good data go negative with it;
-  * the CVAE's weights are exp(A / ``weight_temperature``), as in AWR, not LAPO's two values;
-  * the policy acts through a Polyak average of the encoder (``act_with_encoder_target``), as
-    it already acts through the averaged CVAE decoder.
+  * the CVAE's weights are exp(A / ``weight_temperature``), as in AWR, not LAPO's two values.
 A batch's ``reward`` and ``discount`` are r and gamma * not_done, or with the buffer's
 ``n_step`` > 1 the discounted sum of the next k <= n rewards of the recorded episode and
 gamma^k. ``MultimodalBC`` is the behaviour-cloning baseline with the same encoder and
@@ -21,9 +19,8 @@ data path.
 How the shared encoder is trained (the one place it is decided: ``_train_step``):
   * the critic loss and the CVAE loss reach the encoder; the latent actor sees detached
     features, so maximising Q cannot reshape the features the critic judges it by;
-  * no target encoder in the targets: next observations are encoded by the current encoder
+  * there is no target encoder: next observations are encoded by the current encoder
     without gradient (as in DrQ-v2), the target heads give the targets their stability;
-    the encoder's Polyak average (``encoder_target``) is only what the policy acts through;
   * the heads' losses meet the encoder at one feature tensor, and a single backward pass
     carries their summed gradient through the three ResNet18 trunks, so a training step
     costs one forward+backward of the trunks on the batch plus one forward on the next
@@ -372,7 +369,6 @@ class MultimodalAgent:
             self.encoder.trunks.to(memory_format=torch.channels_last)
         self.encoder_optimizer = torch.optim.Adam(self.encoder.parameters(), lr=encoder_lr)
         self._encode = torch.compile(self.encoder) if compile else self.encoder
-        self.acting_encoder = self._encode   # what select_action encodes with (LAPO may average it)
 
     # ---- subclasses provide
     def _build_heads(self):
@@ -474,7 +470,7 @@ class MultimodalAgent:
         """
         images, joint_normalized, raw_joint, single = self._to_batch(left_img, right_img, global_img, joint)
         with self._autocast():
-            action = self._policy_action(self.acting_encoder(images, joint_normalized)).float()
+            action = self._policy_action(self._encode(images, joint_normalized)).float()
         action = self.normalization.unnormalize_action(action.cpu().numpy(), raw_joint).astype(np.float32)
         return action[0] if single else action
 
@@ -494,9 +490,6 @@ class MultimodalAgent:
                 feature = self._encode(batch.images, batch.joint)
                 if self.needs_next_obs:
                     batch.next_feature = self._encode(batch.next_images, batch.next_joint)
-                # the action metrics judge the policy as it acts, through its own encoder
-                batch.acting_feature = (feature if self.acting_encoder is self._encode
-                                        else self.acting_encoder(batch.images, batch.joint))
                 metrics = self._offline_metrics(batch, feature)
             n = batch.action.shape[0]
             for k, v in metrics.items():
@@ -602,8 +595,7 @@ class MultimodalLatent(MultimodalAgent):
     """LAPO on the multimodal observation feature (see the module docstring)."""
 
     algo = "lapo"
-    settings_before_they_existed = {"return_bound": False, "value_target": "policy", "weight_temperature": 0.0,
-                                    "act_with_encoder_target": False}
+    settings_before_they_existed = {"return_bound": False, "value_target": "policy", "weight_temperature": 0.0}
     loss_names = ("critic_loss", "vae_loss", "actor_loss", "recon_loss", "kl_loss",
                   "q_mean", "v_mean", "advantage_mean", "positive_advantage_frac")
     needs_next_obs = True
@@ -614,7 +606,7 @@ class MultimodalLatent(MultimodalAgent):
                  discount=0.99, tau=0.005, vae_lr=2e-4, actor_lr=2e-4, critic_lr=1e-3, latent_dim=None,
                  max_latent_action=0.5, expectile=0.99, kl_beta=1.0, no_noise=False, doubleq_min=1.0,
                  encoder_losses="critic+vae", image_shift=0, return_bound=True, value_target="data",
-                 value_expectile=0.7, weight_temperature=0.1, act_with_encoder_target=True):
+                 value_expectile=0.7, weight_temperature=0.1):
         super().__init__(joint_dim, action_dim, image_shape, normalization, replay_buffer, device,
                          obs_feature_dim, image_feature_dim, encoder_lr, pretrained_weights, amp,
                          channels_last, compile, discount, image_shift)
@@ -625,8 +617,7 @@ class MultimodalLatent(MultimodalAgent):
                            kl_beta=float(kl_beta), no_noise=bool(no_noise), doubleq_min=float(doubleq_min),
                            encoder_losses=encoder_losses, return_bound=bool(return_bound),
                            value_target=value_target, value_expectile=float(value_expectile),
-                           weight_temperature=float(weight_temperature),
-                           act_with_encoder_target=bool(act_with_encoder_target))
+                           weight_temperature=float(weight_temperature))
         if value_target not in ("policy", "data"):
             raise ValueError(f"value_target must be 'policy' or 'data', got {value_target!r}")
         self.return_bound = bool(return_bound)
@@ -650,20 +641,10 @@ class MultimodalLatent(MultimodalAgent):
         self.critic_target = frozen_copy(self.critic)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=critic_lr)
 
-        # The policy acts through a Polyak average of the encoder, as it already does through
-        # the averaged decoder: the online encoder's features move with every critic and CVAE
-        # step, and the policy's score swung by +-0.3 between evaluations with them.
-        self.encoder_target = frozen_copy(self.encoder) if act_with_encoder_target else None
-        if self.encoder_target is not None:
-            self.acting_encoder = self.encoder_target
-
     def _modules(self):
-        modules = {"encoder": self.encoder, "actor_vae": self.actor_vae, "actor_vae_target": self.actor_vae_target,
-                   "actor": self.actor, "actor_target": self.actor_target,
-                   "critic": self.critic, "critic_target": self.critic_target}
-        if self.encoder_target is not None:
-            modules["encoder_target"] = self.encoder_target
-        return modules
+        return {"encoder": self.encoder, "actor_vae": self.actor_vae, "actor_vae_target": self.actor_vae_target,
+                "actor": self.actor, "actor_target": self.actor_target,
+                "critic": self.critic, "critic_target": self.critic_target}
 
     def _optimizers(self):
         return {"encoder": self.encoder_optimizer, "actor_vae": self.actor_vae_optimizer,
@@ -738,8 +719,6 @@ class MultimodalLatent(MultimodalAgent):
         self.encoder_optimizer.zero_grad(set_to_none=True)
         obs_feature.backward(feature.grad)
         self.encoder_optimizer.step()
-        if self.encoder_target is not None:
-            soft_update(self.encoder, self.encoder_target, self.tau)
         return losses
 
     def _update_heads(self, feature, next_obs_feature, batch):
@@ -790,7 +769,7 @@ class MultimodalLatent(MultimodalAgent):
     def _offline_metrics(self, batch, feature):
         feature = feature.float()
         action = batch.action
-        policy_action = self._policy_action(batch.acting_feature.float())
+        policy_action = self._policy_action(feature)
         action_err = (policy_action - action).pow(2).mean(1)
         _, mean, _ = self.actor_vae(feature, action)
         recon_err = (self.actor_vae.decode(feature, mean) - action).pow(2).mean(1)
@@ -851,7 +830,7 @@ class MultimodalBC(MultimodalAgent):
         return {"bc_loss": bc_loss}
 
     def _offline_metrics(self, batch, feature):
-        return {"test_action_mse": (self._policy_action(batch.acting_feature) - batch.action).pow(2).mean()}
+        return {"test_action_mse": (self._policy_action(feature) - batch.action).pow(2).mean()}
 
 
 AGENTS = {MultimodalLatent.algo: MultimodalLatent, MultimodalBC.algo: MultimodalBC}

@@ -181,33 +181,10 @@ def test_a_checkpoint_older_than_a_setting_resumes_with_the_algorithm_it_was_tra
     ckpt = torch.load(path, weights_only=True)
     for key in algos.MultimodalLatent.settings_before_they_existed:
         del ckpt["config"][key]
-    del ckpt["networks"]["encoder_target"]   # older checkpoints had no averaged encoder
     torch.save(ckpt, path)
     resumed = algos.MultimodalLatent(**SMALL)
     resumed.load(path)
     for agent in (algos.MultimodalAgent.from_checkpoint(path), resumed):
         assert (agent.return_bound, agent.value_target, agent.weight_temperature) == (False, "policy", 0.0)
-        assert agent.encoder_target is None and agent.acting_encoder is agent.encoder
     fresh = algos.MultimodalLatent(**SMALL)   # a new run gets today's defaults
     assert (fresh.return_bound, fresh.value_target, fresh.weight_temperature) == (True, "data", 0.1)
-    assert fresh.acting_encoder is fresh.encoder_target
-
-
-def test_the_policy_acts_through_the_polyak_averaged_encoder(lapo):
-    """select_action encodes with encoder_target, which trails the trained encoder by tau."""
-    target_before = [p.clone() for p in lapo.encoder_target.parameters()]
-    lapo.train(1, 8)
-    for online, target, before in zip(lapo.encoder.parameters(), lapo.encoder_target.parameters(), target_before):
-        torch.testing.assert_close(target, before + lapo.tau * (online.detach() - before))
-    lapo.train(3, 8)
-    imgs, joint = raw_observation(np.random.default_rng(3), 4)
-    action = lapo.select_action(*imgs, joint)
-    images, joint_normalized, raw_joint, _ = lapo._to_batch(*imgs, joint)
-    with torch.no_grad():
-        def act_through(encoder):
-            normalized = lapo._policy_action(encoder(images, joint_normalized)).numpy()
-            return lapo.normalization.unnormalize_action(normalized, raw_joint)
-        np.testing.assert_allclose(action, act_through(lapo.encoder_target), rtol=1e-5, atol=1e-6)
-        assert not np.allclose(action, act_through(lapo.encoder), atol=1e-4)
-    online_only = algos.MultimodalLatent(act_with_encoder_target=False, **SMALL)
-    assert online_only.acting_encoder is online_only.encoder and "encoder_target" not in online_only._modules()

@@ -95,15 +95,6 @@ def test_non_16d_non_square_dataset_trains(tmp_path):
     assert ckpt["config"]["joint_dim"] == 14 and ckpt["config"]["image_shape"] == [12, 20]
 
 
-def test_act_with_online_encoder_leaves_the_averaged_encoder_out(tmp_path, tiny_dataset):
-    for exp, extra, averaged in (("avg", (), True), ("online", ("--act_with_online_encoder",), False)):
-        res = train(tmp_path, tiny_dataset, exp, "--max_timesteps", 2, "--eval_freq", 2, *extra)
-        assert res.returncode == 0, res.stderr
-        ckpt = algos.read_checkpoint(tmp_path / "results" / f"Exp{exp}" / "multimodal_robot" / "model_final.pth")
-        assert ckpt["config"]["act_with_encoder_target"] is averaged
-        assert ("encoder_target" in ckpt["networks"]) is averaged
-
-
 def test_bc_baseline_trains_through_the_same_cli(tmp_path, tiny_dataset):
     res = train(tmp_path, tiny_dataset, "bc", "--algo", "bc", "--max_timesteps", 4, "--eval_freq", 2)
     assert res.returncode == 0, res.stderr
