@@ -207,10 +207,7 @@ def latest_checkpoint(folder):
     candidates = [(step, path) for step, path in step_checkpoints(folder).items()]
     final = os.path.join(folder, "model_final.pth")
     if os.path.isfile(final):
-        try:
-            candidates.append((int(algos.read_checkpoint(final)["total_it"]), final))
-        except algos.CheckpointError as exc:   # unreadable input (exit 2), not a failed write (exit 4)
-            raise UserError(str(exc)) from None
+        candidates.append((int(algos.read_checkpoint(final)["total_it"]), final))
     if not candidates:
         return None
     return max(candidates)[1]
@@ -442,18 +439,12 @@ def train(args, argv, folder, ckpt_path, device):
                         image_shift=args.image_shift, return_bound=not args.no_return_bound,
                         value_target=args.value_target, value_expectile=args.value_expectile,
                         weight_temperature=args.weight_temperature)
-    try:
-        agent = algos.make_agent(args.algo, **agent_kwargs)
-    except algos.CheckpointError as exc:
-        raise UserError(str(exc)) from None
+    agent = algos.make_agent(args.algo, **agent_kwargs)
 
     extra = {}
     progress = ProgressLog(os.path.join(folder, "progress.csv"))
     if ckpt_path:
-        try:
-            ckpt = algos.read_checkpoint(ckpt_path)
-        except algos.CheckpointError as exc:
-            raise UserError(str(exc)) from None
+        ckpt = algos.read_checkpoint(ckpt_path)
         cfg = ckpt["config"]
         if ckpt["algo"] != args.algo:
             raise UserError(f"{ckpt_path}: checkpoint holds a '{ckpt['algo']}' agent; run with --algo {ckpt['algo']}")
@@ -462,10 +453,7 @@ def train(args, argv, folder, ckpt_path, device):
                      ("image_shape", list(buffer.image_shape))) if cfg[k] != v]
         if mismatch:
             raise UserError(f"{ckpt_path} does not fit {args.hdf5_path}: " + "; ".join(mismatch))
-        try:
-            extra = agent.load(ckpt_path, restore_rng=True)
-        except algos.CheckpointError as exc:
-            raise UserError(str(exc)) from None
+        extra = agent.load(ckpt_path, restore_rng=True)
         dropped = progress.truncate_after(agent.total_it) if os.path.dirname(
             os.path.abspath(ckpt_path)) == os.path.abspath(folder) else 0
         print(f"Continuing from {ckpt_path} at step {agent.total_it}"
@@ -608,9 +596,12 @@ def main(argv=None):
     except NonFiniteLoss as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_NONFINITE
-    except algos.CheckpointError as exc:   # a checkpoint that cannot be written (reads are UserErrors)
+    except algos.CheckpointWriteError as exc:   # e.g. a full disk; earlier checkpoints are intact
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_WRITE_FAILED
+    except algos.CheckpointError as exc:   # a checkpoint given to read that cannot be used: bad input
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("\nAborted by a second interrupt; the last complete checkpoint is kept.", file=sys.stderr)
         return 130

@@ -55,6 +55,10 @@ class CheckpointError(Exception):
         super().__init__(f"{self.path}: {problem}")
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint that could not be written (full disk, no permission); earlier ones are intact."""
+
+
 def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -298,7 +302,7 @@ def atomic_torch_save(obj, path):
         except OSError:
             free = ""
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
-        raise CheckpointError(path, f"cannot write the checkpoint ({reason}{free})") from None
+        raise CheckpointWriteError(path, f"cannot write the checkpoint ({reason}{free})") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
