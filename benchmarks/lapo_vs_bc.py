@@ -92,6 +92,9 @@ def main(argv=None):
     p.add_argument("--retrain", action="store_true",
                    help="train every run again, even one that already finished with the same flags in --out")
     args = p.parse_args(argv)
+    # Runs record the data file's path as given; an absolute one lets a later call from any
+    # folder recognise them as finished instead of training them again over --overwrite.
+    args.out = os.path.abspath(args.out)
     t0 = time.time()
     os.makedirs(args.out, exist_ok=True)
     data = os.path.join(args.out, f"sample_{args.image_size}px_{args.n_samples}_seed{args.data_seed}.hdf5")
