@@ -84,6 +84,10 @@ def build_parser():
     a("--weight_temperature", type=float, default=0.1,
       help="CVAE weights exp(A / this), clipped at 100 (default: 0.1, in units of the largest one-step "
            "reward); 0: the original LAPO's two weights, --expectile and 1 - it")
+    a("--no_episode_filter", action="store_true",
+      help="imitate every episode; by default the CVAE skips the episodes whose return falls short of the "
+           "value of their start by more than --weight_temperature, and weighs the others' rows by "
+           "exp(max(A, A_episode) / T)")
     a("--encoder_losses", default="critic+vae", choices=("critic", "critic+vae"),
       help="losses whose gradients train the shared encoder (default: critic+vae)")
     a("--image_shift", type=int, default=0, help="random-shift augmentation of training images, in pixels")
@@ -438,7 +442,7 @@ def train(args, argv, folder, ckpt_path, device):
                         doubleq_min=args.doubleq_min, encoder_losses=args.encoder_losses,
                         image_shift=args.image_shift, return_bound=not args.no_return_bound,
                         value_target=args.value_target, value_expectile=args.value_expectile,
-                        weight_temperature=args.weight_temperature)
+                        weight_temperature=args.weight_temperature, episode_filter=not args.no_episode_filter)
     agent = algos.make_agent(args.algo, **agent_kwargs)
 
     extra = {}

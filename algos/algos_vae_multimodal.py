@@ -45,6 +45,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LOSS_CHECK_EVERY = 100   # steps between host reads of the per-step loss record
 MAX_ADVANTAGE_WEIGHT = 100.0   # clip of exp(A / temperature), as in AWR and IQL
+EPISODES_JUDGED_PER_STEP = 8   # episodes whose advantage is refreshed each step (episode_filter)
 
 
 class CheckpointError(Exception):
@@ -513,8 +514,16 @@ class MultimodalAgent:
             "optimizers": {name: o.state_dict() for name, o in self._optimizers().items()},
             "total_it": self.total_it,
             "rng": capture_rng_state(self.replay_buffer) if rng else None,
+            "training_state": self._training_state(),
             "extra": extra or {},
         }
+
+    def _training_state(self):
+        """Tensors besides networks and optimisers that an exact resume needs."""
+        return {}
+
+    def _set_training_state(self, state):
+        pass
 
     def save(self, filename, directory, extra=None):
         """Write ``directory/filename.pth`` atomically; returns the path."""
@@ -553,6 +562,7 @@ class MultimodalAgent:
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(path, f"checkpoint does not match this agent: {str(exc).splitlines()[0]}") from None
         self.total_it = int(ckpt["total_it"])
+        self._set_training_state(ckpt.get("training_state") or {})
         if restore_rng and ckpt.get("rng"):
             restore_rng_state(ckpt["rng"], self.replay_buffer)
 
@@ -599,9 +609,10 @@ class MultimodalLatent(MultimodalAgent):
     """LAPO on the multimodal observation feature (see the module docstring)."""
 
     algo = "lapo"
-    settings_before_they_existed = {"return_bound": False, "value_target": "policy", "weight_temperature": 0.0}
+    settings_before_they_existed = {"return_bound": False, "value_target": "policy", "weight_temperature": 0.0,
+                                    "episode_filter": False}
     loss_names = ("critic_loss", "vae_loss", "actor_loss", "recon_loss", "kl_loss",
-                  "q_mean", "v_mean", "advantage_mean", "positive_advantage_frac")
+                  "q_mean", "v_mean", "advantage_mean", "positive_advantage_frac", "imitated_episode_frac")
     needs_next_obs = True
 
     def __init__(self, joint_dim=16, action_dim=16, image_shape=(84, 84), normalization=None,
@@ -610,7 +621,7 @@ class MultimodalLatent(MultimodalAgent):
                  discount=0.99, tau=0.005, vae_lr=2e-4, actor_lr=2e-4, critic_lr=1e-3, latent_dim=None,
                  max_latent_action=0.5, expectile=0.99, kl_beta=1.0, no_noise=False, doubleq_min=1.0,
                  encoder_losses="critic+vae", image_shift=0, return_bound=True, value_target="data",
-                 value_expectile=0.7, weight_temperature=0.1):
+                 value_expectile=0.7, weight_temperature=0.1, episode_filter=True):
         super().__init__(joint_dim, action_dim, image_shape, normalization, replay_buffer, device,
                          obs_feature_dim, image_feature_dim, encoder_lr, pretrained_weights, amp,
                          channels_last, compile, discount, image_shift)
@@ -621,12 +632,15 @@ class MultimodalLatent(MultimodalAgent):
                            kl_beta=float(kl_beta), no_noise=bool(no_noise), doubleq_min=float(doubleq_min),
                            encoder_losses=encoder_losses, return_bound=bool(return_bound),
                            value_target=value_target, value_expectile=float(value_expectile),
-                           weight_temperature=float(weight_temperature))
+                           weight_temperature=float(weight_temperature), episode_filter=bool(episode_filter))
         if value_target not in ("policy", "data"):
             raise ValueError(f"value_target must be 'policy' or 'data', got {value_target!r}")
         self.return_bound = bool(return_bound)
         self.value_target, self.value_expectile = value_target, float(value_expectile)
         self.weight_temperature = float(weight_temperature)
+        self.episode_filter = bool(episode_filter) and self.weight_temperature > 0
+        # A of each episode at its first row, NaN until judged (see _refresh_episode_advantage)
+        self.episode_advantage = None
         self.encoder_losses = encoder_losses
         self.tau, self.expectile, self.kl_beta = float(tau), float(expectile), float(kl_beta)
         self.no_noise, self.doubleq_min = bool(no_noise), float(doubleq_min)
@@ -696,13 +710,51 @@ class MultimodalLatent(MultimodalAgent):
         error = target_V - current_V
         return 2 * (torch.where(error > 0, self.value_expectile, 1 - self.value_expectile) * error.pow(2)).mean()
 
-    def _advantage_weight(self, advantage):
+    def _advantage_weight(self, advantage, episode_advantage=None):
         """CVAE weight of each sample: ``exp(A / weight_temperature)`` clipped at
         ``MAX_ADVANTAGE_WEIGHT`` (AWR's form), or with temperature 0 LAPO's two weights,
-        ``expectile`` where A > 0 and 1 - ``expectile`` elsewhere."""
-        if self.weight_temperature > 0:
-            return torch.exp(advantage / self.weight_temperature).clamp(max=MAX_ADVANTAGE_WEIGHT)
-        return torch.where(advantage > 0, self.expectile, 1 - self.expectile)
+        ``expectile`` where A > 0 and 1 - ``expectile`` elsewhere.
+
+        With ``episode_advantage`` (the advantage of each row's episode at its first row,
+        NaN where not yet judged): an episode whose return falls short of its start's value
+        by more than the temperature gets weight 0 on every row, and the others weigh
+        ``exp(max(A, A_episode) / T)``. Why: a small weight does not stop a bad behaviour
+        from being imitated in the states only it visited, and those are the states a
+        policy drifts into; weighted by ``exp(A / T)`` alone, the good behaviour's own last
+        steps (A near 0: nobody else acted there) weigh no more than anyone's."""
+        if self.weight_temperature <= 0:
+            return torch.where(advantage > 0, self.expectile, 1 - self.expectile)
+        if episode_advantage is not None:
+            judged = ~torch.isnan(episode_advantage)
+            advantage = torch.where(judged, torch.maximum(advantage, episode_advantage), advantage)
+            keep = ~judged | (episode_advantage > -self.weight_temperature)
+            return torch.exp(advantage / self.weight_temperature).clamp(max=MAX_ADVANTAGE_WEIGHT) * keep
+        return torch.exp(advantage / self.weight_temperature).clamp(max=MAX_ADVANTAGE_WEIGHT)
+
+    @torch.no_grad()
+    def _refresh_episode_advantage(self, n_episodes=EPISODES_JUDGED_PER_STEP):
+        """Judge the next ``n_episodes`` training episodes (round robin, by step count, so a
+        resumed run judges the same ones) with the current encoder and critic: A at the
+        episode's first row. Costs 2 x ``n_episodes`` forward passes of the encoder a step."""
+        buffer = self.replay_buffer
+        first_rows = buffer.train_episode_first_rows
+        if self.episode_advantage is None:
+            self.episode_advantage = torch.full((buffer.n_episodes,), float("nan"), device=self.device)
+        n = min(n_episodes, len(first_rows))
+        pick = (torch.arange(n) + self.total_it * n) % len(first_rows)
+        batch = buffer.gather(first_rows.index_select(0, pick.to(first_rows.device)))
+        with self._autocast():
+            feature = self._encode(batch.images, batch.joint)
+            next_feature = self._encode(batch.next_images, batch.next_joint)
+        advantage = self._advantage(feature.float(), next_feature.float(), batch.reward, batch.discount)
+        self.episode_advantage[batch.episode] = advantage.squeeze(1)
+
+    def _training_state(self):
+        return {} if self.episode_advantage is None else {"episode_advantage": self.episode_advantage}
+
+    def _set_training_state(self, state):
+        episode_advantage = state.get("episode_advantage")
+        self.episode_advantage = None if episode_advantage is None else episode_advantage.to(self.device)
 
     def _advantage(self, feature, next_feature, reward, discount):
         """A = clamp(r + discount * V(s')) - clamp(V(s)) with the current critic."""
@@ -710,6 +762,8 @@ class MultimodalLatent(MultimodalAgent):
         return q_action - self.critic.v(feature).clamp(self.min_v, self.max_v)
 
     def _train_step(self, batch):
+        if self.episode_filter:
+            self._refresh_episode_advantage()
         images, next_images = self._augment(batch.images), self._augment(batch.next_images)
         with self._autocast():
             obs_feature = self._encode(images, batch.joint)
@@ -747,7 +801,10 @@ class MultimodalLatent(MultimodalAgent):
         # ---- advantage-weighted CVAE (advantage from the critic after its step)
         with torch.no_grad():
             advantage = self._advantage(state, next_obs_feature, reward, discount)
-            advantage_weight = self._advantage_weight(advantage)
+            episode_advantage = None
+            if self.episode_filter and batch.episode is not None:
+                episode_advantage = self.episode_advantage[batch.episode].unsqueeze(1)
+            advantage_weight = self._advantage_weight(advantage, episode_advantage)
         recon_action, mean, log_var = self.actor_vae(feature if self.encoder_losses != "critic" else state, action)
         recon_loss = (recon_action - action).pow(2).sum(1, keepdim=True)
         kl_loss = -0.5 * (1 + log_var - mean.pow(2) - log_var.exp()).sum(1, keepdim=True)
@@ -768,7 +825,17 @@ class MultimodalLatent(MultimodalAgent):
         return {"critic_loss": critic_loss, "vae_loss": vae_loss, "actor_loss": actor_loss,
                 "recon_loss": recon_loss.mean(), "kl_loss": kl_loss.mean(), "q_mean": current_Q1.mean(),
                 "v_mean": current_V.mean(), "advantage_mean": advantage.mean(),
-                "positive_advantage_frac": (advantage > 0).float().mean()}
+                "positive_advantage_frac": (advantage > 0).float().mean(),
+                "imitated_episode_frac": self._imitated_episode_frac()}
+
+    def _imitated_episode_frac(self):
+        """Share of the judged training episodes the CVAE imitates (1 without the filter)."""
+        if not self.episode_filter or self.episode_advantage is None:
+            return torch.ones((), device=self.device)
+        judged = self.episode_advantage[~torch.isnan(self.episode_advantage)]
+        if len(judged) == 0:
+            return torch.ones((), device=self.device)
+        return (judged > -self.weight_temperature).float().mean()
 
     def _offline_metrics(self, batch, feature):
         feature = feature.float()

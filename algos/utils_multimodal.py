@@ -538,6 +538,7 @@ class Batch:
     next_images: torch.Tensor = None   # the observation k steps on, which bootstraps
     next_joint: torch.Tensor = None
     observed_return: torch.Tensor = None   # [B, 1], -inf where the episode was cut off
+    episode: torch.Tensor = None           # [B] index of each row's episode in the file
 
 
 class MultimodalReplayBuffer:
@@ -596,6 +597,10 @@ class MultimodalReplayBuffer:
         self.observed_return = torch.from_numpy(
             observed_returns(rewards, dataset.terminals, dataset.timeouts, discount)).to(dev)
         self.next_index = torch.from_numpy(next_index).to(dev)
+        self.episode_index = torch.from_numpy(episode_of_row).to(dev)
+        # each training episode's first usable row, where the episode's own advantage is judged
+        _, first = np.unique(episode_of_row[train_rows], return_index=True)
+        self.train_episode_first_rows = torch.from_numpy(train_rows[first].astype(np.int64)).to(dev)
         self.train_rows = torch.from_numpy(train_rows).to(dev)
         self.test_rows = torch.from_numpy(test_rows).to(dev)
         # A fixed, evenly spread subset of the test rows keeps held-out metrics comparable.
@@ -631,6 +636,7 @@ class MultimodalReplayBuffer:
             discount=self.discounts.index_select(0, rows).unsqueeze(1).to(self.device, non_blocking=non_blocking),
             observed_return=self.observed_return.index_select(0, rows).unsqueeze(1).to(self.device,
                                                                                        non_blocking=non_blocking),
+            episode=self.episode_index.index_select(0, rows).to(self.device, non_blocking=non_blocking),
         )
         if with_next:
             nxt = self.next_index.index_select(0, rows)

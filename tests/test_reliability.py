@@ -353,6 +353,44 @@ def test_value_over_the_data_is_the_expectile_of_its_q(tiny_dataset):
     assert value.item() == pytest.approx(0.8, abs=1e-3)
 
 
+def test_episode_filter_drops_episodes_that_fall_short_and_lifts_the_rest(tiny_dataset):
+    """exp(max(A, A_episode) / T) clipped, 0 on every row of an episode whose A_episode is
+    below -T, and the plain exp(A / T) where the episode has not been judged yet (NaN)."""
+    buffer = utils.MultimodalReplayBuffer(utils.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
+    agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu",
+                                   weight_temperature=0.1)
+    advantage = torch.tensor([[0.05], [0.05], [-0.3], [0.2], [-2.0]])
+    episode_advantage = torch.tensor([[float("nan")], [-0.15], [0.1], [-0.05], [1.0]])
+    weight = agent._advantage_weight(advantage, episode_advantage).squeeze(1).tolist()
+    expected = [float(np.exp(0.5)), 0.0, float(np.exp(1.0)), float(np.exp(2.0)), algos.MAX_ADVANTAGE_WEIGHT]
+    assert weight == pytest.approx(expected)
+
+
+def test_every_training_episode_is_judged_at_its_first_row(tiny_dataset):
+    buffer = utils.MultimodalReplayBuffer(utils.load_dataset(tiny_dataset, progress=False), 0.8, seed=0, n_step=100)
+    first_rows = buffer.train_episode_first_rows
+    episodes = buffer.episode_index[first_rows]
+    assert sorted(episodes.tolist()) == sorted(buffer.train_episode_ids.tolist())
+    for row, episode in zip(first_rows.tolist(), episodes.tolist()):   # no earlier row of that episode
+        assert row == 0 or buffer.episode_index[row - 1] != episode or row - 1 not in set(buffer.train_rows.tolist())
+    torch.manual_seed(0)
+    agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu")
+    steps = -(-len(first_rows) // algos.EPISODES_JUDGED_PER_STEP)
+    for _ in range(steps):
+        agent._refresh_episode_advantage()
+        agent.total_it += 1
+    judged = agent.episode_advantage
+    assert torch.isnan(judged).sum() == buffer.n_episodes - len(first_rows)   # test episodes are never judged
+    batch = buffer.gather(first_rows)
+    with torch.no_grad():
+        expected = agent._advantage(agent.encoder(batch.images, batch.joint),
+                                    agent.encoder(batch.next_images, batch.next_joint), batch.reward, batch.discount)
+    torch.testing.assert_close(judged[episodes], expected.squeeze(1))
+    agent.train(3, 8)
+    assert agent.train(1, 8)["imitated_episode_frac"] == pytest.approx(
+        (agent.episode_advantage[episodes] > -agent.weight_temperature).float().mean().item())
+
+
 def test_advantage_weights_exponential_or_two_valued(tiny_dataset):
     buffer = utils.MultimodalReplayBuffer(utils.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
     advantage = torch.tensor([[-1.0], [0.0], [0.05], [1.0]])
