@@ -738,7 +738,8 @@ class MultimodalLatent(MultimodalAgent):
         episode's first row. Costs 2 x ``n_episodes`` forward passes of the encoder a step."""
         buffer = self.replay_buffer
         first_rows = buffer.train_episode_first_rows
-        if self.episode_advantage is None:
+        if self.episode_advantage is None or len(self.episode_advantage) != buffer.n_episodes:
+            # a new run, or one resumed on another file: judge its episodes afresh
             self.episode_advantage = torch.full((buffer.n_episodes,), float("nan"), device=self.device)
         n = min(n_episodes, len(first_rows))
         pick = (torch.arange(n) + self.total_it * n) % len(first_rows)
