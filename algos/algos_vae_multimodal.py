@@ -833,10 +833,11 @@ class MultimodalLatent(MultimodalAgent):
         """Share of the judged training episodes the CVAE imitates (1 without the filter)."""
         if not self.episode_filter or self.episode_advantage is None:
             return torch.ones((), device=self.device)
-        judged = self.episode_advantage[~torch.isnan(self.episode_advantage)]
-        if len(judged) == 0:
-            return torch.ones((), device=self.device)
-        return (judged > -self.weight_temperature).float().mean()
+        # counts, not a masked select: no wait for the host on every step
+        judged = ~torch.isnan(self.episode_advantage)
+        kept = (judged & (self.episode_advantage > -self.weight_temperature)).sum()
+        n_judged = judged.sum()
+        return torch.where(n_judged > 0, kept / n_judged.clamp(min=1), torch.ones((), device=self.device))
 
     def _offline_metrics(self, batch, feature):
         feature = feature.float()
