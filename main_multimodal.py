@@ -88,6 +88,9 @@ def build_parser():
       help="imitate every episode; by default the CVAE skips the episodes whose return falls short of the "
            "value of their start by more than --weight_temperature, and weighs the others' rows by "
            "exp(max(A, A_episode) / T)")
+    a("--kept_batch_frac", type=float, default=0.5,
+      help="with the episode filter, the share of each batch drawn from the episodes it keeps (the rest "
+           "uniform over the training rows); 0: uniform batches (default: 0.5)")
     a("--encoder_losses", default="critic+vae", choices=("critic", "critic+vae"),
       help="losses whose gradients train the shared encoder (default: critic+vae)")
     a("--image_shift", type=int, default=0, help="random-shift augmentation of training images, in pixels")
@@ -128,6 +131,7 @@ def flag_problems(args):
     need(0 <= args.doubleq_min <= 1, f"--doubleq_min must be in [0, 1], got {args.doubleq_min}")
     need(0 < args.value_expectile < 1, f"--value_expectile must be in (0, 1), got {args.value_expectile}")
     need(args.weight_temperature >= 0, f"--weight_temperature must be >= 0, got {args.weight_temperature}")
+    need(0 <= args.kept_batch_frac <= 1, f"--kept_batch_frac must be in [0, 1], got {args.kept_batch_frac}")
     need(args.kl_beta >= 0, f"--kl_beta must be >= 0, got {args.kl_beta}")
     need(args.max_latent_action > 0, f"--max_latent_action must be > 0, got {args.max_latent_action}")
     for name in ("n_step", "batch_size", "max_timesteps", "eval_freq", "save_freq", "obs_feature_dim", "image_feature_dim"):
@@ -442,7 +446,8 @@ def train(args, argv, folder, ckpt_path, device):
                         doubleq_min=args.doubleq_min, encoder_losses=args.encoder_losses,
                         image_shift=args.image_shift, return_bound=not args.no_return_bound,
                         value_target=args.value_target, value_expectile=args.value_expectile,
-                        weight_temperature=args.weight_temperature, episode_filter=not args.no_episode_filter)
+                        weight_temperature=args.weight_temperature, episode_filter=not args.no_episode_filter,
+                        kept_batch_frac=args.kept_batch_frac)
     agent = algos.make_agent(args.algo, **agent_kwargs)
 
     extra = {}

@@ -3,14 +3,17 @@
 LAPO (Chen et al., NeurIPS 2022) learns an advantage-weighted CVAE of the behaviour
 policy and a latent policy that picks, through the CVAE decoder, the mode of the data
 with the highest value. This file follows the original LAPO code (algos_vae.py there)
-on top of an observation encoder, with three departures, each a setting that can be
+on top of an observation encoder, with four departures, each a setting that can be
 turned back (README_MULTIMODAL.md has the measurements):
   * target_Q is bounded below by the return the data observed to a terminal
     (``return_bound``, see ``_critic_targets``);
   * V(s) is an upper expectile of Q over the data's own actions, as in IQL
     (``value_target="data"``), not Q at the latent policy's action: the latter climbs with
     the actor that maximises Q, and the advantages of the good data go negative with it;
-  * the CVAE's weights are exp(A / ``weight_temperature``), as in AWR, not LAPO's two values.
+  * the CVAE's weights are exp(A / ``weight_temperature``), as in AWR, not LAPO's two values;
+  * the episode filter (``episode_filter``): the CVAE skips the episodes whose return fell
+    short of their start's value, and half of each batch (``kept_batch_frac``) is drawn
+    from the episodes it keeps, so that the CVAE has rows to imitate at every step.
 A batch's ``reward`` and ``discount`` are r and gamma * not_done, or with the buffer's
 ``n_step`` > 1 the discounted sum of the next k <= n rewards of the recorded episode and
 gamma^k. ``MultimodalBC`` is the behaviour-cloning baseline with the same encoder and
@@ -419,7 +422,7 @@ class MultimodalAgent:
         for it in range(iterations):
             if should_stop is not None and should_stop():
                 break
-            batch = self.replay_buffer.sample(batch_size, with_next=self.needs_next_obs)
+            batch = self._sample_batch(batch_size)
             losses = self._train_step(batch)
             record[it] = torch.stack([losses[k].detach().float() for k in self.loss_names])
             self.total_it += 1
@@ -438,6 +441,9 @@ class MultimodalAgent:
         out = dict(zip(self.loss_names, means))
         out.update(iterations=done, nonfinite=nonfinite)
         return out
+
+    def _sample_batch(self, batch_size):
+        return self.replay_buffer.sample(batch_size, with_next=self.needs_next_obs)
 
     def _first_nonfinite(self, record, first_step):
         bad = ~torch.isfinite(record)
@@ -610,7 +616,7 @@ class MultimodalLatent(MultimodalAgent):
 
     algo = "lapo"
     settings_before_they_existed = {"return_bound": False, "value_target": "policy", "weight_temperature": 0.0,
-                                    "episode_filter": False}
+                                    "episode_filter": False, "kept_batch_frac": 0.0}
     loss_names = ("critic_loss", "vae_loss", "actor_loss", "recon_loss", "kl_loss",
                   "q_mean", "v_mean", "advantage_mean", "positive_advantage_frac", "imitated_episode_frac")
     needs_next_obs = True
@@ -621,7 +627,7 @@ class MultimodalLatent(MultimodalAgent):
                  discount=0.99, tau=0.005, vae_lr=2e-4, actor_lr=2e-4, critic_lr=1e-3, latent_dim=None,
                  max_latent_action=0.5, expectile=0.99, kl_beta=1.0, no_noise=False, doubleq_min=1.0,
                  encoder_losses="critic+vae", image_shift=0, return_bound=True, value_target="data",
-                 value_expectile=0.7, weight_temperature=0.1, episode_filter=True):
+                 value_expectile=0.7, weight_temperature=0.1, episode_filter=True, kept_batch_frac=0.5):
         super().__init__(joint_dim, action_dim, image_shape, normalization, replay_buffer, device,
                          obs_feature_dim, image_feature_dim, encoder_lr, pretrained_weights, amp,
                          channels_last, compile, discount, image_shift)
@@ -632,13 +638,17 @@ class MultimodalLatent(MultimodalAgent):
                            kl_beta=float(kl_beta), no_noise=bool(no_noise), doubleq_min=float(doubleq_min),
                            encoder_losses=encoder_losses, return_bound=bool(return_bound),
                            value_target=value_target, value_expectile=float(value_expectile),
-                           weight_temperature=float(weight_temperature), episode_filter=bool(episode_filter))
+                           weight_temperature=float(weight_temperature), episode_filter=bool(episode_filter),
+                           kept_batch_frac=float(kept_batch_frac))
+        if not 0.0 <= float(kept_batch_frac) <= 1.0:
+            raise ValueError(f"kept_batch_frac must be in [0, 1], got {kept_batch_frac!r}")
         if value_target not in ("policy", "data"):
             raise ValueError(f"value_target must be 'policy' or 'data', got {value_target!r}")
         self.return_bound = bool(return_bound)
         self.value_target, self.value_expectile = value_target, float(value_expectile)
         self.weight_temperature = float(weight_temperature)
         self.episode_filter = bool(episode_filter) and self.weight_temperature > 0
+        self.kept_batch_frac = float(kept_batch_frac)
         # A of each episode at its first row, NaN until judged (see _refresh_episode_advantage)
         self.episode_advantage = None
         self.encoder_losses = encoder_losses
@@ -727,9 +737,25 @@ class MultimodalLatent(MultimodalAgent):
         if episode_advantage is not None:
             judged = ~torch.isnan(episode_advantage)
             advantage = torch.where(judged, torch.maximum(advantage, episode_advantage), advantage)
-            keep = ~judged | (episode_advantage > -self.weight_temperature)
-            return torch.exp(advantage / self.weight_temperature).clamp(max=MAX_ADVANTAGE_WEIGHT) * keep
+            weight = torch.exp(advantage / self.weight_temperature).clamp(max=MAX_ADVANTAGE_WEIGHT)
+            return weight * self._kept(episode_advantage)
         return torch.exp(advantage / self.weight_temperature).clamp(max=MAX_ADVANTAGE_WEIGHT)
+
+    def _kept(self, episode_advantage):
+        """The episode filter's rule: imitate an episode unless its return fell short of its
+        start's value by more than the temperature (not yet judged, NaN: kept)."""
+        return torch.isnan(episode_advantage) | (episode_advantage > -self.weight_temperature)
+
+    def _sample_batch(self, batch_size):
+        """With the filter, ``kept_batch_frac`` of each batch comes from the episodes it keeps.
+        Why: the CVAE imitates only those (a third of the episodes, mostly short), so a
+        uniform batch gives it a few rows a step where behaviour cloning on the same
+        episodes would have the whole batch. The critic learns from the same batch."""
+        buffer = self.replay_buffer
+        if not self.episode_filter or self.kept_batch_frac <= 0 or self.episode_advantage is None:
+            return buffer.sample(batch_size, with_next=self.needs_next_obs)
+        return buffer.sample(batch_size, with_next=self.needs_next_obs,
+                             episode_mask=self._kept(self.episode_advantage), masked_frac=self.kept_batch_frac)
 
     @torch.no_grad()
     def _refresh_episode_advantage(self, n_episodes=EPISODES_JUDGED_PER_STEP):
@@ -835,7 +861,7 @@ class MultimodalLatent(MultimodalAgent):
             return torch.ones((), device=self.device)
         # counts, not a masked select: no wait for the host on every step
         judged = ~torch.isnan(self.episode_advantage)
-        kept = (judged & (self.episode_advantage > -self.weight_temperature)).sum()
+        kept = (judged & self._kept(self.episode_advantage)).sum()
         n_judged = judged.sum()
         return torch.where(n_judged > 0, kept / n_judged.clamp(min=1), torch.ones((), device=self.device))
 

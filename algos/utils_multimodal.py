@@ -602,6 +602,7 @@ class MultimodalReplayBuffer:
         _, first = np.unique(episode_of_row[train_rows], return_index=True)
         self.train_episode_first_rows = torch.from_numpy(train_rows[first].astype(np.int64)).to(dev)
         self.train_rows = torch.from_numpy(train_rows).to(dev)
+        self.train_row_episode = self.episode_index.index_select(0, self.train_rows)
         self.test_rows = torch.from_numpy(test_rows).to(dev)
         # A fixed, evenly spread subset of the test rows keeps held-out metrics comparable.
         pick = np.unique(np.linspace(0, len(test_rows) - 1, min(max_test_rows, len(test_rows))).astype(int))
@@ -644,9 +645,23 @@ class MultimodalReplayBuffer:
             batch.next_joint = self.joint.index_select(0, nxt).to(self.device, non_blocking=non_blocking)
         return batch
 
-    def sample(self, batch_size, with_next=True):
-        """A uniformly sampled training batch (rows of training episodes only)."""
-        pick = torch.randint(len(self.train_rows), (batch_size,), generator=self.generator, device=self.storage_device)
+    def sample(self, batch_size, with_next=True, episode_mask=None, masked_frac=0.0):
+        """A training batch (rows of training episodes only), uniform over their rows.
+
+        With ``episode_mask`` (bool, one per episode of the file) the last
+        ``round(masked_frac * batch_size)`` rows are drawn uniformly from the rows of the
+        masked training episodes instead (from all of them where none is masked). Nothing
+        is corrected for it: the caller wants those episodes' rows more often.
+        """
+        n_masked = int(round(masked_frac * batch_size)) if episode_mask is not None else 0
+        dev = self.storage_device
+        pick = torch.randint(len(self.train_rows), (batch_size - n_masked,), generator=self.generator, device=dev)
+        if n_masked > 0:
+            # On the storage device, with the buffer's generator, so that a resumed run draws
+            # the same rows; when it is the training device this never waits for the host.
+            in_mask = episode_mask.to(dev).index_select(0, self.train_row_episode).float()
+            in_mask = in_mask + (in_mask.sum() == 0).float()
+            pick = torch.cat([pick, torch.multinomial(in_mask, n_masked, replacement=True, generator=self.generator)])
         return self.gather(self.train_rows.index_select(0, pick), with_next)
 
     def eval_batches(self, batch_size=256):

@@ -185,6 +185,8 @@ def test_a_checkpoint_older_than_a_setting_resumes_with_the_algorithm_it_was_tra
     resumed = algos.MultimodalLatent(**SMALL)
     resumed.load(path)
     for agent in (algos.MultimodalAgent.from_checkpoint(path), resumed):
-        assert (agent.return_bound, agent.value_target, agent.weight_temperature) == (False, "policy", 0.0)
+        assert (agent.return_bound, agent.value_target, agent.weight_temperature, agent.kept_batch_frac) == (
+            False, "policy", 0.0, 0.0)
     fresh = algos.MultimodalLatent(**SMALL)   # a new run gets today's defaults
-    assert (fresh.return_bound, fresh.value_target, fresh.weight_temperature) == (True, "data", 0.1)
+    assert (fresh.return_bound, fresh.value_target, fresh.weight_temperature, fresh.kept_batch_frac) == (
+        True, "data", 0.1, 0.5)

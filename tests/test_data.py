@@ -213,6 +213,23 @@ def test_split_is_by_whole_episodes(tmp_path):
     assert set(buffer.eval_rows.numpy()) <= set(buffer.test_rows.numpy())
 
 
+def test_masked_share_of_a_batch_comes_only_from_the_masked_episodes(tmp_path):
+    path = write_dataset(tmp_path / "d.hdf5", n_rows=200, episode_len=10)
+    buffer = utils.MultimodalReplayBuffer(utils.load_dataset(path, progress=False), 0.8, seed=3)
+    train_eps = sorted(set(buffer.train_episode_ids.tolist()))
+    mask = torch.zeros(buffer.n_episodes, dtype=torch.bool)
+    mask[train_eps[:2]] = True
+    mask[buffer.test_episode_ids] = True   # a test episode is never drawn, masked or not
+    seen_uniform = set()
+    for _ in range(20):
+        batch = buffer.sample(16, episode_mask=mask, masked_frac=0.75)
+        assert set(batch.episode[4:].tolist()) <= set(train_eps[:2])
+        seen_uniform |= set(batch.episode[:4].tolist())
+    assert seen_uniform <= set(train_eps) and len(seen_uniform) > 2
+    nothing = torch.zeros(buffer.n_episodes, dtype=torch.bool)   # none masked: uniform, not an error
+    assert set(buffer.sample(64, episode_mask=nothing, masked_frac=1.0).episode.tolist()) <= set(train_eps)
+
+
 def test_fewer_episodes_than_the_split_needs(tmp_path):
     path = write_dataset(tmp_path / "d.hdf5", n_rows=10, episode_len=10)
     with pytest.raises(ValueError, match="at least 2"):

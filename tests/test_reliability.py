@@ -391,6 +391,20 @@ def test_every_training_episode_is_judged_at_its_first_row(tiny_dataset):
         (agent.episode_advantage[episodes] > -agent.weight_temperature).float().mean().item())
 
 
+def test_half_of_each_batch_comes_from_the_episodes_the_filter_keeps(tiny_dataset):
+    buffer = utils.MultimodalReplayBuffer(utils.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
+    agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu")
+    assert agent.kept_batch_frac == 0.5
+    train_eps = sorted(buffer.train_episode_ids.tolist())
+    agent.episode_advantage = torch.full((buffer.n_episodes,), -1.0)
+    agent.episode_advantage[train_eps[0]] = 0.3
+    for _ in range(10):
+        batch = agent._sample_batch(8)
+        assert batch.episode[4:].tolist() == [train_eps[0]] * 4
+    agent.kept_batch_frac = 0.0   # uniform batches, as before the setting existed
+    assert len(set(torch.cat([agent._sample_batch(8).episode for _ in range(10)]).tolist())) > 1
+
+
 def test_advantage_weights_exponential_or_two_valued(tiny_dataset):
     buffer = utils.MultimodalReplayBuffer(utils.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
     advantage = torch.tensor([[-1.0], [0.0], [0.05], [1.0]])
