@@ -91,6 +91,9 @@ def build_parser():
     a("--kept_batch_frac", type=float, default=0.5,
       help="with the episode filter, the share of each batch drawn from the episodes it keeps (the rest "
            "uniform over the training rows); 0: uniform batches (default: 0.5)")
+    a("--no_polyak_acting", action="store_true",
+      help="act through the online encoder and latent actor; by default the policy acts through the "
+           "Polyak averages (rate --tau) of the encoder, the latent actor and the decoder")
     a("--encoder_losses", default="critic+vae", choices=("critic", "critic+vae"),
       help="losses whose gradients train the shared encoder (default: critic+vae)")
     a("--image_shift", type=int, default=0, help="random-shift augmentation of training images, in pixels")
@@ -447,7 +450,7 @@ def train(args, argv, folder, ckpt_path, device):
                         image_shift=args.image_shift, return_bound=not args.no_return_bound,
                         value_target=args.value_target, value_expectile=args.value_expectile,
                         weight_temperature=args.weight_temperature, episode_filter=not args.no_episode_filter,
-                        kept_batch_frac=args.kept_batch_frac)
+                        kept_batch_frac=args.kept_batch_frac, polyak_acting=not args.no_polyak_acting)
     agent = algos.make_agent(args.algo, **agent_kwargs)
 
     extra = {}

@@ -13,7 +13,10 @@ turned back (README_MULTIMODAL.md has the measurements):
   * the CVAE's weights are exp(A / ``weight_temperature``), as in AWR, not LAPO's two values;
   * the episode filter (``episode_filter``): the CVAE skips the episodes whose return fell
     short of their start's value, and half of each batch (``kept_batch_frac``) is drawn
-    from the episodes it keeps, so that the CVAE has rows to imitate at every step.
+    from the episodes it keeps, so that the CVAE has rows to imitate at every step;
+  * the policy acts through Polyak averages of all it is made of (``polyak_acting``):
+    the encoder's average, the latent actor's and the decoder's (the targets), not the
+    online networks, whose last few hundred steps swing the policy's success by +-0.1.
 A batch's ``reward`` and ``discount`` are r and gamma * not_done, or with the buffer's
 ``n_step`` > 1 the discounted sum of the next k <= n rewards of the recorded episode and
 gamma^k. ``MultimodalBC`` is the behaviour-cloning baseline with the same encoder and
@@ -392,6 +395,10 @@ class MultimodalAgent:
     def _offline_metrics(self, batch, feature):
         raise NotImplementedError
 
+    def _act(self, images, joint):
+        """Normalised action of the policy as deployed, from uint8 images and normalised joints."""
+        return self._policy_action(self._encode(images, joint))
+
     def _modules(self):
         """name -> module of everything a checkpoint holds (networks and targets)."""
         raise NotImplementedError
@@ -481,7 +488,7 @@ class MultimodalAgent:
         """
         images, joint_normalized, raw_joint, single = self._to_batch(left_img, right_img, global_img, joint)
         with self._autocast():
-            action = self._policy_action(self._encode(images, joint_normalized)).float()
+            action = self._act(images, joint_normalized).float()
         action = self.normalization.unnormalize_action(action.cpu().numpy(), raw_joint).astype(np.float32)
         return action[0] if single else action
 
@@ -616,7 +623,7 @@ class MultimodalLatent(MultimodalAgent):
 
     algo = "lapo"
     settings_before_they_existed = {"return_bound": False, "value_target": "policy", "weight_temperature": 0.0,
-                                    "episode_filter": False, "kept_batch_frac": 0.0}
+                                    "episode_filter": False, "kept_batch_frac": 0.0, "polyak_acting": False}
     loss_names = ("critic_loss", "vae_loss", "actor_loss", "recon_loss", "kl_loss",
                   "q_mean", "v_mean", "advantage_mean", "positive_advantage_frac", "imitated_episode_frac")
     needs_next_obs = True
@@ -627,7 +634,8 @@ class MultimodalLatent(MultimodalAgent):
                  discount=0.99, tau=0.005, vae_lr=2e-4, actor_lr=2e-4, critic_lr=1e-3, latent_dim=None,
                  max_latent_action=0.5, expectile=0.99, kl_beta=1.0, no_noise=False, doubleq_min=1.0,
                  encoder_losses="critic+vae", image_shift=0, return_bound=True, value_target="data",
-                 value_expectile=0.7, weight_temperature=0.1, episode_filter=True, kept_batch_frac=0.5):
+                 value_expectile=0.7, weight_temperature=0.1, episode_filter=True, kept_batch_frac=0.5,
+                 polyak_acting=True):
         super().__init__(joint_dim, action_dim, image_shape, normalization, replay_buffer, device,
                          obs_feature_dim, image_feature_dim, encoder_lr, pretrained_weights, amp,
                          channels_last, compile, discount, image_shift)
@@ -639,7 +647,7 @@ class MultimodalLatent(MultimodalAgent):
                            encoder_losses=encoder_losses, return_bound=bool(return_bound),
                            value_target=value_target, value_expectile=float(value_expectile),
                            weight_temperature=float(weight_temperature), episode_filter=bool(episode_filter),
-                           kept_batch_frac=float(kept_batch_frac))
+                           kept_batch_frac=float(kept_batch_frac), polyak_acting=bool(polyak_acting))
         if not 0.0 <= float(kept_batch_frac) <= 1.0:
             raise ValueError(f"kept_batch_frac must be in [0, 1], got {kept_batch_frac!r}")
         if value_target not in ("policy", "data"):
@@ -649,6 +657,7 @@ class MultimodalLatent(MultimodalAgent):
         self.weight_temperature = float(weight_temperature)
         self.episode_filter = bool(episode_filter) and self.weight_temperature > 0
         self.kept_batch_frac = float(kept_batch_frac)
+        self.polyak_acting = bool(polyak_acting)
         # A of each episode at its first row, NaN until judged (see _refresh_episode_advantage)
         self.episode_advantage = None
         self.encoder_losses = encoder_losses
@@ -668,11 +677,16 @@ class MultimodalLatent(MultimodalAgent):
         self.critic = Critic(f, a).to(dev)
         self.critic_target = frozen_copy(self.critic)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=critic_lr)
+        # only the policy acts through it: training encodes with the online encoder
+        self.encoder_target = frozen_copy(self.encoder) if self.polyak_acting else None
 
     def _modules(self):
-        return {"encoder": self.encoder, "actor_vae": self.actor_vae, "actor_vae_target": self.actor_vae_target,
-                "actor": self.actor, "actor_target": self.actor_target,
-                "critic": self.critic, "critic_target": self.critic_target}
+        modules = {"encoder": self.encoder, "actor_vae": self.actor_vae, "actor_vae_target": self.actor_vae_target,
+                   "actor": self.actor, "actor_target": self.actor_target,
+                   "critic": self.critic, "critic_target": self.critic_target}
+        if self.polyak_acting:
+            modules["encoder_target"] = self.encoder_target
+        return modules
 
     def _optimizers(self):
         return {"encoder": self.encoder_optimizer, "actor_vae": self.actor_vae_optimizer,
@@ -680,6 +694,17 @@ class MultimodalLatent(MultimodalAgent):
 
     def _policy_action(self, feature):
         return self.actor_vae_target.decode(feature, self.actor(feature))
+
+    def _act(self, images, joint):
+        """With ``polyak_acting``, the averages of encoder, latent actor and decoder act
+        together (each over about 1 / tau steps). Why: the online policy's success moves by
+        +-0.1 between checkpoints a few hundred steps apart while its losses stay flat;
+        averaging every part keeps them in step, where averaging the encoder alone under
+        the online actor was a wash (README_MULTIMODAL.md, eighth and thirteenth rounds)."""
+        if not self.polyak_acting:
+            return super()._act(images, joint)
+        feature = self.encoder_target(images, joint)
+        return self.actor_vae_target.decode(feature, self.actor_target(feature))
 
     def _target_value(self, feature, action):
         """V target at s: the target critic's Q at the policy's action (``value_target="policy"``,
@@ -804,6 +829,8 @@ class MultimodalLatent(MultimodalAgent):
         self.encoder_optimizer.zero_grad(set_to_none=True)
         obs_feature.backward(feature.grad)
         self.encoder_optimizer.step()
+        if self.polyak_acting:
+            soft_update(self.encoder, self.encoder_target, self.tau)
         return losses
 
     def _update_heads(self, feature, next_obs_feature, batch):
@@ -868,7 +895,7 @@ class MultimodalLatent(MultimodalAgent):
     def _offline_metrics(self, batch, feature):
         feature = feature.float()
         action = batch.action
-        policy_action = self._policy_action(feature)
+        policy_action = self._act(batch.images, batch.joint).float()   # the policy as deployed
         action_err = (policy_action - action).pow(2).mean(1)
         _, mean, _ = self.actor_vae(feature, action)
         recon_err = (self.actor_vae.decode(feature, mean) - action).pow(2).mean(1)

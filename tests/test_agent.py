@@ -181,12 +181,45 @@ def test_a_checkpoint_older_than_a_setting_resumes_with_the_algorithm_it_was_tra
     ckpt = torch.load(path, weights_only=True)
     for key in algos.MultimodalLatent.settings_before_they_existed:
         del ckpt["config"][key]
+    del ckpt["networks"]["encoder_target"]   # older checkpoints have no averaged encoder
     torch.save(ckpt, path)
     resumed = algos.MultimodalLatent(**SMALL)
     resumed.load(path)
+    settings = ("return_bound", "value_target", "weight_temperature", "kept_batch_frac", "polyak_acting")
     for agent in (algos.MultimodalAgent.from_checkpoint(path), resumed):
-        assert (agent.return_bound, agent.value_target, agent.weight_temperature, agent.kept_batch_frac) == (
-            False, "policy", 0.0, 0.0)
+        assert tuple(getattr(agent, k) for k in settings) == (False, "policy", 0.0, 0.0, False)
     fresh = algos.MultimodalLatent(**SMALL)   # a new run gets today's defaults
-    assert (fresh.return_bound, fresh.value_target, fresh.weight_temperature, fresh.kept_batch_frac) == (
-        True, "data", 0.1, 0.5)
+    assert tuple(getattr(fresh, k) for k in settings) == (True, "data", 0.1, 0.5, True)
+
+
+def test_the_policy_acts_through_the_polyak_averages_of_all_its_parts(tiny_dataset):
+    """select_action runs the averaged encoder, latent actor and decoder together; the
+    averaged encoder follows the online one at rate tau and never trains."""
+    torch.manual_seed(0)
+    lapo = algos.MultimodalLatent(replay_buffer=make_buffer(tiny_dataset), tau=0.3, **SMALL)
+    before = [p.clone() for p in lapo.encoder_target.parameters()]
+    lapo.train(1, 8)
+    for old, online, averaged in zip(before, lapo.encoder.parameters(), lapo.encoder_target.parameters()):
+        torch.testing.assert_close(averaged, old + 0.3 * (online - old))
+        assert not averaged.requires_grad
+    lapo.train(2, 8)
+    imgs, joint = raw_observation(np.random.default_rng(5), 4)
+    images, normalized, raw_joint, _ = lapo._to_batch(*imgs, joint)
+
+    def deployed(encoder, actor):
+        with torch.no_grad():
+            feature = encoder(images, normalized)
+            action = lapo.actor_vae_target.decode(feature, actor(feature))
+        return lapo.normalization.unnormalize_action(action.numpy(), raw_joint)
+    acted = lapo.select_action(*imgs, joint)
+    np.testing.assert_allclose(acted, deployed(lapo.encoder_target, lapo.actor_target), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(acted, deployed(lapo.encoder, lapo.actor), atol=1e-3)
+    online = algos.MultimodalLatent(replay_buffer=make_buffer(tiny_dataset), polyak_acting=False, **SMALL)
+    online.train(1, 8)
+    assert "encoder_target" not in online._modules()
+    imgs_on = online._to_batch(*imgs, joint)
+    with torch.no_grad():
+        feature = online.encoder(imgs_on[0], imgs_on[1])
+        expected = online.actor_vae_target.decode(feature, online.actor(feature)).numpy()
+    np.testing.assert_allclose(online.select_action(*imgs, joint),
+                               online.normalization.unnormalize_action(expected, raw_joint), rtol=1e-5, atol=1e-5)
