@@ -204,22 +204,19 @@ def test_the_policy_acts_through_the_polyak_averages_of_all_its_parts(tiny_datas
         assert not averaged.requires_grad
     lapo.train(2, 8)
     imgs, joint = raw_observation(np.random.default_rng(5), 4)
-    images, normalized, raw_joint, _ = lapo._to_batch(*imgs, joint)
 
-    def deployed(encoder, actor):
+    def deployed(agent, encoder, actor):
+        """Raw actions of the target decoder on ``actor``'s latent of ``encoder``'s features."""
+        images, normalized, raw_joint, _ = agent._to_batch(*imgs, joint)
         with torch.no_grad():
             feature = encoder(images, normalized)
-            action = lapo.actor_vae_target.decode(feature, actor(feature))
-        return lapo.normalization.unnormalize_action(action.numpy(), raw_joint)
+            action = agent.actor_vae_target.decode(feature, actor(feature))
+        return agent.normalization.unnormalize_action(action.numpy(), raw_joint)
     acted = lapo.select_action(*imgs, joint)
-    np.testing.assert_allclose(acted, deployed(lapo.encoder_target, lapo.actor_target), rtol=1e-5, atol=1e-5)
-    assert not np.allclose(acted, deployed(lapo.encoder, lapo.actor), atol=1e-3)
+    np.testing.assert_allclose(acted, deployed(lapo, lapo.encoder_target, lapo.actor_target), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(acted, deployed(lapo, lapo.encoder, lapo.actor), atol=1e-3)
     online = algos.MultimodalLatent(replay_buffer=make_buffer(tiny_dataset), polyak_acting=False, **SMALL)
     online.train(1, 8)
     assert "encoder_target" not in online._modules()
-    imgs_on = online._to_batch(*imgs, joint)
-    with torch.no_grad():
-        feature = online.encoder(imgs_on[0], imgs_on[1])
-        expected = online.actor_vae_target.decode(feature, online.actor(feature)).numpy()
-    np.testing.assert_allclose(online.select_action(*imgs, joint),
-                               online.normalization.unnormalize_action(expected, raw_joint), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(online.select_action(*imgs, joint), deployed(online, online.encoder, online.actor),
+                               rtol=1e-5, atol=1e-5)
