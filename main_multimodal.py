@@ -67,6 +67,9 @@ def build_parser():
     a("--actor_lr", type=float, default=2e-4, help="latent actor learning rate")
     a("--critic_lr", type=float, default=1e-3, help="critic (Q1, Q2, V) learning rate")
     a("--encoder_lr", type=float, default=3e-4, help="image/joint encoder learning rate")
+    a("--encoder_lr_decay", type=float, default=0.5,
+      help="share of the run, at its end, over which the encoder's learning rate falls to 0 along a half "
+           "cosine, in [0, 1]; 0: constant (default: 0.5, the second half of --max_timesteps)")
     a("--max_latent_action", type=float, default=0.5, help="bound of the latent policy (tanh x this)")
     a("--doubleq_min", type=float, default=1.0, help="weight of min(Q1, Q2) in the V target, in [0, 1]")
     a("--no_noise", action="store_true", help="no clipped noise on the target latent action")
@@ -135,6 +138,7 @@ def flag_problems(args):
     need(0 < args.value_expectile < 1, f"--value_expectile must be in (0, 1), got {args.value_expectile}")
     need(args.weight_temperature >= 0, f"--weight_temperature must be >= 0, got {args.weight_temperature}")
     need(0 <= args.kept_batch_frac <= 1, f"--kept_batch_frac must be in [0, 1], got {args.kept_batch_frac}")
+    need(0 <= args.encoder_lr_decay <= 1, f"--encoder_lr_decay must be in [0, 1], got {args.encoder_lr_decay}")
     need(args.kl_beta >= 0, f"--kl_beta must be >= 0, got {args.kl_beta}")
     need(args.max_latent_action > 0, f"--max_latent_action must be > 0, got {args.max_latent_action}")
     for name in ("n_step", "batch_size", "max_timesteps", "eval_freq", "save_freq", "obs_feature_dim", "image_feature_dim"):
@@ -450,7 +454,8 @@ def train(args, argv, folder, ckpt_path, device):
                         image_shift=args.image_shift, return_bound=not args.no_return_bound,
                         value_target=args.value_target, value_expectile=args.value_expectile,
                         weight_temperature=args.weight_temperature, episode_filter=not args.no_episode_filter,
-                        kept_batch_frac=args.kept_batch_frac, polyak_acting=not args.no_polyak_acting)
+                        kept_batch_frac=args.kept_batch_frac, polyak_acting=not args.no_polyak_acting,
+                        encoder_lr_decay=args.encoder_lr_decay)
     agent = algos.make_agent(args.algo, **agent_kwargs)
 
     extra = {}
@@ -526,7 +531,8 @@ def train(args, argv, folder, ckpt_path, device):
         step = agent.total_it
         chunk_end = min((step // args.eval_freq + 1) * args.eval_freq,
                         (step // args.save_freq + 1) * args.save_freq, args.max_timesteps)
-        out = agent.train(chunk_end - step, args.batch_size, progress=pbar.update, should_stop=stop)
+        out = agent.train(chunk_end - step, args.batch_size, progress=pbar.update, should_stop=stop,
+                          run_steps=args.max_timesteps)
         step = agent.total_it
         if out["nonfinite"]:
             pbar.close()

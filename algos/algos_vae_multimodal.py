@@ -3,7 +3,7 @@
 LAPO (Chen et al., NeurIPS 2022) learns an advantage-weighted CVAE of the behaviour
 policy and a latent policy that picks, through the CVAE decoder, the mode of the data
 with the highest value. This file follows the original LAPO code (algos_vae.py there)
-on top of an observation encoder, with four departures, each a setting that can be
+on top of an observation encoder, with these departures, each a setting that can be
 turned back (README_MULTIMODAL.md has the measurements):
   * target_Q is bounded below by the return the data observed to a terminal
     (``return_bound``, see ``_critic_targets``);
@@ -16,7 +16,10 @@ turned back (README_MULTIMODAL.md has the measurements):
     from the episodes it keeps, so that the CVAE has rows to imitate at every step;
   * the policy acts through Polyak averages of all it is made of (``polyak_acting``):
     the encoder's average, the latent actor's and the decoder's (the targets), not the
-    online networks, whose last few hundred steps swing the policy's success by +-0.1.
+    online networks, whose last few hundred steps swing the policy's success by +-0.1;
+  * the encoder's learning rate falls to 0 over the second half of the run
+    (``encoder_lr_decay``, shared with the BC baseline), so that the heads end the run
+    fitted to the features the policy acts on.
 A batch's ``reward`` and ``discount`` are r and gamma * not_done, or with the buffer's
 ``n_step`` > 1 the discounted sum of the next k <= n rewards of the recorded episode and
 gamma^k. ``MultimodalBC`` is the behaviour-cloning baseline with the same encoder and
@@ -34,6 +37,7 @@ How the shared encoder is trained (the one place it is decided: ``_train_step``)
 """
 import copy
 import inspect
+import math
 import os
 import random
 import shutil
@@ -346,12 +350,14 @@ class MultimodalAgent:
     # Settings added after checkpoints were first written, each with the value that gives
     # the algorithm as it was before the setting existed: a run resumed from an older
     # checkpoint goes on with the algorithm it started with, not with today's defaults.
-    settings_before_they_existed = {}
+    settings_before_they_existed = {"encoder_lr_decay": 0.0}
 
     def __init__(self, joint_dim=16, action_dim=16, image_shape=(84, 84), normalization=None,
                  replay_buffer=None, device=None, obs_feature_dim=256, image_feature_dim=128,
                  encoder_lr=3e-4, pretrained_weights=None, amp="off", channels_last=True, compile=False,
-                 discount=0.99, image_shift=0):
+                 discount=0.99, image_shift=0, encoder_lr_decay=0.5):
+        if not 0.0 <= float(encoder_lr_decay) <= 1.0:
+            raise ValueError(f"encoder_lr_decay must be in [0, 1], got {encoder_lr_decay!r}")
         if replay_buffer is not None:
             joint_dim, action_dim = replay_buffer.joint_dim, replay_buffer.action_dim
             image_shape, normalization = replay_buffer.image_shape, replay_buffer.normalization
@@ -365,8 +371,10 @@ class MultimodalAgent:
         self.config = dict(joint_dim=int(joint_dim), action_dim=int(action_dim),
                            image_shape=[int(image_shape[0]), int(image_shape[1])],
                            obs_feature_dim=int(obs_feature_dim), image_feature_dim=int(image_feature_dim),
-                           encoder_lr=float(encoder_lr), discount=float(discount), image_shift=int(image_shift))
+                           encoder_lr=float(encoder_lr), discount=float(discount), image_shift=int(image_shift),
+                           encoder_lr_decay=float(encoder_lr_decay))
         self.image_shift = int(image_shift)
+        self.encoder_lr, self.encoder_lr_decay = float(encoder_lr), float(encoder_lr_decay)
         self.joint_dim, self.action_dim = int(joint_dim), int(action_dim)
         self.image_shape = tuple(self.config["image_shape"])
         self.discount = float(discount)
@@ -413,7 +421,19 @@ class MultimodalAgent:
     def _autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
-    def train(self, iterations, batch_size=64, progress=None, should_stop=None):
+    def encoder_lr_at(self, step, run_steps):
+        """The encoder's learning rate for the step after ``step`` of a run of ``run_steps``:
+        ``encoder_lr``, and over the last ``encoder_lr_decay`` of the run a half cosine down
+        to 0. Why: the heads are fitted to features that keep moving until the last step; an
+        encoder that comes to rest leaves them the end of the run to fit the features the
+        policy acts on (README_MULTIMODAL.md, "The encoder comes to rest")."""
+        if not run_steps or self.encoder_lr_decay <= 0:
+            return self.encoder_lr
+        decay_start = run_steps * (1 - self.encoder_lr_decay)
+        progress = min(max((step - decay_start) / (run_steps - decay_start), 0.0), 1.0)
+        return self.encoder_lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def train(self, iterations, batch_size=64, progress=None, should_stop=None, run_steps=None):
         """Run ``iterations`` gradient steps on batches from the replay buffer.
 
         Returns the mean of each loss over the steps run, ``iterations`` (how many ran)
@@ -421,6 +441,8 @@ class MultimodalAgent:
         Losses are recorded on the device and read back every ``LOSS_CHECK_EVERY``
         steps, so the step itself never waits for the host. ``should_stop()`` is checked
         between steps (Ctrl-C / SIGTERM); ``progress(1)`` is called after each step.
+        ``run_steps``, the length of the whole run, sets the encoder's learning-rate schedule
+        (``encoder_lr_at``; None: a constant rate).
         """
         if self.replay_buffer is None:
             raise RuntimeError("this agent has no replay buffer to train on")
@@ -430,6 +452,8 @@ class MultimodalAgent:
             if should_stop is not None and should_stop():
                 break
             batch = self._sample_batch(batch_size)
+            for group in self.encoder_optimizer.param_groups:
+                group["lr"] = self.encoder_lr_at(self.total_it, run_steps)
             losses = self._train_step(batch)
             record[it] = torch.stack([losses[k].detach().float() for k in self.loss_names])
             self.total_it += 1
@@ -623,7 +647,8 @@ class MultimodalLatent(MultimodalAgent):
 
     algo = "lapo"
     settings_before_they_existed = {"return_bound": False, "value_target": "policy", "weight_temperature": 0.0,
-                                    "episode_filter": False, "kept_batch_frac": 0.0, "polyak_acting": False}
+                                    "episode_filter": False, "kept_batch_frac": 0.0, "polyak_acting": False,
+                                    "encoder_lr_decay": 0.0}
     loss_names = ("critic_loss", "vae_loss", "actor_loss", "recon_loss", "kl_loss",
                   "q_mean", "v_mean", "advantage_mean", "positive_advantage_frac", "imitated_episode_frac")
     needs_next_obs = True
@@ -635,10 +660,10 @@ class MultimodalLatent(MultimodalAgent):
                  max_latent_action=0.5, expectile=0.99, kl_beta=1.0, no_noise=False, doubleq_min=1.0,
                  encoder_losses="critic+vae", image_shift=0, return_bound=True, value_target="data",
                  value_expectile=0.7, weight_temperature=0.1, episode_filter=True, kept_batch_frac=0.5,
-                 polyak_acting=True):
+                 polyak_acting=True, encoder_lr_decay=0.5):
         super().__init__(joint_dim, action_dim, image_shape, normalization, replay_buffer, device,
                          obs_feature_dim, image_feature_dim, encoder_lr, pretrained_weights, amp,
-                         channels_last, compile, discount, image_shift)
+                         channels_last, compile, discount, image_shift, encoder_lr_decay)
         latent_dim = int(latent_dim or 2 * self.action_dim)
         self.config.update(tau=float(tau), vae_lr=float(vae_lr), actor_lr=float(actor_lr),
                            critic_lr=float(critic_lr), latent_dim=latent_dim,
@@ -926,10 +951,10 @@ class MultimodalBC(MultimodalAgent):
     def __init__(self, joint_dim=16, action_dim=16, image_shape=(84, 84), normalization=None,
                  replay_buffer=None, device=None, obs_feature_dim=256, image_feature_dim=128,
                  encoder_lr=3e-4, pretrained_weights=None, amp="off", channels_last=True, compile=False,
-                 discount=0.99, vae_lr=2e-4, image_shift=0, **_unused_lapo_flags):
+                 discount=0.99, vae_lr=2e-4, image_shift=0, encoder_lr_decay=0.5, **_unused_lapo_flags):
         super().__init__(joint_dim, action_dim, image_shape, normalization, replay_buffer, device,
                          obs_feature_dim, image_feature_dim, encoder_lr, pretrained_weights, amp,
-                         channels_last, compile, discount, image_shift)
+                         channels_last, compile, discount, image_shift, encoder_lr_decay)
         # The policy head learns at the CVAE's rate: it is the component BC shares with LAPO.
         self.config.update(vae_lr=float(vae_lr))
         self.policy = mlp(obs_feature_dim, self.action_dim).to(self.device)

@@ -185,11 +185,38 @@ def test_a_checkpoint_older_than_a_setting_resumes_with_the_algorithm_it_was_tra
     torch.save(ckpt, path)
     resumed = algos.MultimodalLatent(**SMALL)
     resumed.load(path)
-    settings = ("return_bound", "value_target", "weight_temperature", "kept_batch_frac", "polyak_acting")
+    settings = ("return_bound", "value_target", "weight_temperature", "kept_batch_frac", "polyak_acting",
+                "encoder_lr_decay")
     for agent in (algos.MultimodalAgent.from_checkpoint(path), resumed):
-        assert tuple(getattr(agent, k) for k in settings) == (False, "policy", 0.0, 0.0, False)
+        assert tuple(getattr(agent, k) for k in settings) == (False, "policy", 0.0, 0.0, False, 0.0)
     fresh = algos.MultimodalLatent(**SMALL)   # a new run gets today's defaults
-    assert tuple(getattr(fresh, k) for k in settings) == (True, "data", 0.1, 0.5, True)
+    assert tuple(getattr(fresh, k) for k in settings) == (True, "data", 0.1, 0.5, True, 0.5)
+
+
+@pytest.mark.parametrize("algo", ["lapo", "bc"])
+def test_the_encoder_comes_to_rest_at_the_end_of_the_run_while_the_heads_still_learn(tiny_dataset, algo):
+    """encoder_lr for the first (1 - encoder_lr_decay) of the run, then a half cosine to 0;
+    the heads keep their rates. Without a run length the rate stays constant."""
+    torch.manual_seed(0)
+    agent = algos.make_agent(algo, replay_buffer=make_buffer(tiny_dataset), encoder_lr=1e-3,
+                             encoder_lr_decay=0.5, **SMALL)
+    assert [agent.encoder_lr_at(step, 8) for step in (0, 4, 6, 8)] == pytest.approx([1e-3, 1e-3, 5e-4, 0.0])
+    head_lrs = {name: opt.param_groups[0]["lr"] for name, opt in agent._optimizers().items() if name != "encoder"}
+    agent.train(7, 8, run_steps=8)
+    assert agent.encoder_optimizer.param_groups[0]["lr"] == pytest.approx(agent.encoder_lr_at(6, 8))
+    encoder = [p.clone() for p in agent.encoder.parameters()]
+    heads = {name: [p.clone() for p in module.parameters()] for name, module in agent._modules().items()
+             if name in head_lrs}
+    agent.train(1, 8, run_steps=7)   # a step at the end of its schedule: rate 0
+    assert all(torch.equal(old, new) for old, new in zip(encoder, agent.encoder.parameters()))
+    for name, before in heads.items():
+        assert not all(torch.equal(old, new) for old, new in zip(before, agent._modules()[name].parameters())), name
+    assert {name: opt.param_groups[0]["lr"] for name, opt in agent._optimizers().items()
+            if name != "encoder"} == head_lrs
+    agent.train(1, 8)   # no run length: the configured rate
+    assert agent.encoder_optimizer.param_groups[0]["lr"] == 1e-3
+    with pytest.raises(ValueError, match="encoder_lr_decay"):
+        algos.make_agent(algo, encoder_lr_decay=1.5, **SMALL)
 
 
 def test_the_policy_acts_through_the_polyak_averages_of_all_its_parts(tiny_dataset):

@@ -2,6 +2,7 @@
 import csv
 import glob
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -258,14 +259,19 @@ def final_params(folder):
 
 @pytest.mark.parametrize("how", ["--resume", "--load_model"])
 def test_exact_resume_is_bit_identical(tmp_path, sim_dataset, how):
+    """A 12-step run killed right after its step-6 checkpoint and continued with the same
+    command ends bit-identical to the run that was never stopped (learning-rate schedule,
+    sampler, filter judgements and all)."""
     common = ["--seed", 7, "--eval_freq", 3, "--save_freq", 6]
     one = run_cli("main_multimodal.py", "--hdf5_path", sim_dataset, "--log_dir", tmp_path / "results", "--ExpID",
                   "one", *TINY_TRAIN, *common, "--max_timesteps", 12, cwd=tmp_path)
     assert one.returncode == 0, one.stderr
-    first = run_cli("main_multimodal.py", "--hdf5_path", sim_dataset, "--log_dir", tmp_path / "results", "--ExpID",
-                    "two", *TINY_TRAIN, *common, "--max_timesteps", 6, cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
-    resume = ["--resume"] if how == "--resume" else ["--load_model", 6]
+    one_folder, two_folder = (tmp_path / "results" / f"Exp{e}" / "multimodal_robot" for e in ("one", "two"))
+    if how == "--resume":   # the folder as a kill after step 6 leaves it (later progress rows included)
+        two_folder.mkdir(parents=True)
+        for name in ("model_6.pth", "params.json", "progress.csv"):
+            shutil.copy(one_folder / name, two_folder / name)
+    resume = ["--resume"] if how == "--resume" else ["--load_model", "one:6"]
     second = run_cli("main_multimodal.py", "--hdf5_path", sim_dataset, "--log_dir", tmp_path / "results", "--ExpID",
                      "two", *TINY_TRAIN, *common, "--max_timesteps", 12, *resume, cwd=tmp_path)
     assert second.returncode == 0, second.stderr
@@ -274,7 +280,9 @@ def test_exact_resume_is_bit_identical(tmp_path, sim_dataset, how):
     for net in a:
         for key in a[net]:
             assert torch.equal(a[net][key], b[net][key]), (net, key)
-    assert progress_steps(tmp_path / "results" / "Exptwo" / "multimodal_robot") == [3, 6, 9, 12]
+    # --resume goes on with the folder's log; --load_model starts a new one at the checkpoint
+    expected_steps = [3, 6, 9, 12] if how == "--resume" else [9, 12]
+    assert progress_steps(tmp_path / "results" / "Exptwo" / "multimodal_robot") == expected_steps
 
 
 # --------------------------------------------------------------------------- numerical faults
