@@ -646,9 +646,9 @@ class MultimodalLatent(MultimodalAgent):
     """LAPO on the multimodal observation feature (see the module docstring)."""
 
     algo = "lapo"
-    settings_before_they_existed = {"return_bound": False, "value_target": "policy", "weight_temperature": 0.0,
-                                    "episode_filter": False, "kept_batch_frac": 0.0, "polyak_acting": False,
-                                    "encoder_lr_decay": 0.0}
+    settings_before_they_existed = {**MultimodalAgent.settings_before_they_existed,
+                                    "return_bound": False, "value_target": "policy", "weight_temperature": 0.0,
+                                    "episode_filter": False, "kept_batch_frac": 0.0, "polyak_acting": False}
     loss_names = ("critic_loss", "vae_loss", "actor_loss", "recon_loss", "kl_loss",
                   "q_mean", "v_mean", "advantage_mean", "positive_advantage_frac", "imitated_episode_frac")
     needs_next_obs = True
@@ -920,7 +920,9 @@ class MultimodalLatent(MultimodalAgent):
     def _offline_metrics(self, batch, feature):
         feature = feature.float()
         action = batch.action
-        policy_action = self._act(batch.images, batch.joint).float()   # the policy as deployed
+        # the policy as deployed; acting online, that is the feature already encoded
+        policy_action = (self._act(batch.images, batch.joint).float() if self.polyak_acting
+                         else self._policy_action(feature))
         action_err = (policy_action - action).pow(2).mean(1)
         _, mean, _ = self.actor_vae(feature, action)
         recon_err = (self.actor_vae.decode(feature, mean) - action).pow(2).mean(1)
