@@ -89,8 +89,12 @@ def build_parser():
            "reward); 0: the original LAPO's two weights, --expectile and 1 - it")
     a("--no_episode_filter", action="store_true",
       help="imitate every episode; by default the CVAE skips the episodes whose return falls short of the "
-           "value of their start by more than --weight_temperature, and weighs the others' rows by "
+           "value of their start (see --filter_margin), and weighs the others' rows by "
            "exp(max(A, A_episode) / T)")
+    a("--filter_margin", type=float, default=0.0,
+      help="with the episode filter, how far an episode's return may fall short of its start's value and "
+           "still be imitated, in units of --weight_temperature (default: 0, keep only the episodes that "
+           "did at least as well as expected; 1 was the default before)")
     a("--kept_batch_frac", type=float, default=0.5,
       help="with the episode filter, the share of each batch drawn from the episodes it keeps (the rest "
            "uniform over the training rows); 0: uniform batches (default: 0.5)")
@@ -138,6 +142,7 @@ def flag_problems(args):
     need(0 < args.value_expectile < 1, f"--value_expectile must be in (0, 1), got {args.value_expectile}")
     need(args.weight_temperature >= 0, f"--weight_temperature must be >= 0, got {args.weight_temperature}")
     need(0 <= args.kept_batch_frac <= 1, f"--kept_batch_frac must be in [0, 1], got {args.kept_batch_frac}")
+    need(args.filter_margin >= 0, f"--filter_margin must be >= 0, got {args.filter_margin}")
     need(0 <= args.encoder_lr_decay <= 1, f"--encoder_lr_decay must be in [0, 1], got {args.encoder_lr_decay}")
     need(args.kl_beta >= 0, f"--kl_beta must be >= 0, got {args.kl_beta}")
     need(args.max_latent_action > 0, f"--max_latent_action must be > 0, got {args.max_latent_action}")
@@ -455,7 +460,7 @@ def train(args, argv, folder, ckpt_path, device):
                         value_target=args.value_target, value_expectile=args.value_expectile,
                         weight_temperature=args.weight_temperature, episode_filter=not args.no_episode_filter,
                         kept_batch_frac=args.kept_batch_frac, polyak_acting=not args.no_polyak_acting,
-                        encoder_lr_decay=args.encoder_lr_decay)
+                        encoder_lr_decay=args.encoder_lr_decay, filter_margin=args.filter_margin)
     agent = algos.make_agent(args.algo, **agent_kwargs)
 
     extra = {}

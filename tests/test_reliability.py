@@ -106,6 +106,7 @@ def test_fewer_episodes_than_the_split_needs(tmp_path, capsys):
     (["--expectile", "0"], "--expectile must be in (0, 1)"),
     (["--value_expectile", "1"], "--value_expectile must be in (0, 1)"),
     (["--weight_temperature", "-0.1"], "--weight_temperature must be >= 0"),
+    (["--filter_margin", "-1"], "--filter_margin must be >= 0"),
     (["--max_timesteps", "0"], "--max_timesteps must be a positive integer"),
     (["--max_timesteps", "-5"], "--max_timesteps must be a positive integer"),
     (["--eval_freq", "0"], "--eval_freq must be a positive integer"),
@@ -363,15 +364,23 @@ def test_value_over_the_data_is_the_expectile_of_its_q(tiny_dataset):
 
 def test_episode_filter_drops_episodes_that_fall_short_and_lifts_the_rest(tiny_dataset):
     """exp(max(A, A_episode) / T) clipped, 0 on every row of an episode whose A_episode is
-    below -T, and the plain exp(A / T) where the episode has not been judged yet (NaN)."""
+    below 0 (by default) or below -filter_margin x T, and the plain exp(A / T) where the
+    episode has not been judged yet (NaN)."""
     buffer = utils.MultimodalReplayBuffer(utils.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
-    agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu",
-                                   weight_temperature=0.1)
-    advantage = torch.tensor([[0.05], [0.05], [-0.3], [0.2], [-2.0]])
-    episode_advantage = torch.tensor([[float("nan")], [-0.15], [0.1], [-0.05], [1.0]])
-    weight = agent._advantage_weight(advantage, episode_advantage).squeeze(1).tolist()
-    expected = [float(np.exp(0.5)), 0.0, float(np.exp(1.0)), float(np.exp(2.0)), algos.MAX_ADVANTAGE_WEIGHT]
-    assert weight == pytest.approx(expected)
+    advantage = torch.tensor([[0.05], [0.05], [-0.3], [0.2], [-2.0], [0.1]])
+    episode_advantage = torch.tensor([[float("nan")], [-0.15], [0.1], [-0.05], [1.0], [-0.01]])
+    lifted = [float(np.exp(0.5)), float(np.exp(0.5)), float(np.exp(1.0)), float(np.exp(2.0)), algos.MAX_ADVANTAGE_WEIGHT,
+              float(np.exp(1.0))]
+    for filter_margin, kept in ((0.0, [1, 0, 1, 0, 1, 0]), (1.0, [1, 0, 1, 1, 1, 1]), (2.0, [1, 1, 1, 1, 1, 1])):
+        agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16,
+                                       device="cpu", weight_temperature=0.1, filter_margin=filter_margin)
+        weight = agent._advantage_weight(advantage, episode_advantage).squeeze(1).tolist()
+        assert weight == pytest.approx([w * k for w, k in zip(lifted, kept)]), filter_margin
+    assert algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16,
+                                  device="cpu").filter_margin == 0.0
+    with pytest.raises(ValueError, match="filter_margin"):
+        algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu",
+                               filter_margin=-1)
 
 
 def test_every_training_episode_is_judged_at_its_first_row(tiny_dataset):
@@ -396,7 +405,7 @@ def test_every_training_episode_is_judged_at_its_first_row(tiny_dataset):
     torch.testing.assert_close(judged[episodes], expected.squeeze(1))
     agent.train(3, 8)
     assert agent.train(1, 8)["imitated_episode_frac"] == pytest.approx(
-        (agent.episode_advantage[episodes] > -agent.weight_temperature).float().mean().item())
+        (agent.episode_advantage[episodes] > 0).float().mean().item())
 
 
 def test_half_of_each_batch_comes_from_the_episodes_the_filter_keeps(tiny_dataset):
