@@ -94,7 +94,7 @@ def build_parser():
     a("--filter_margin", type=float, default=0.0,
       help="with the episode filter, how far an episode's return may fall short of its start's value and "
            "still be imitated, in units of --weight_temperature (default: 0, keep only the episodes that "
-           "did at least as well as expected; 1 was the default before)")
+           "did better than their start's value; 1 was the default before)")
     a("--kept_batch_frac", type=float, default=0.5,
       help="with the episode filter, the share of each batch drawn from the episodes it keeps (the rest "
            "uniform over the training rows); 0: uniform batches (default: 0.5)")

@@ -797,9 +797,9 @@ class MultimodalLatent(MultimodalAgent):
         return torch.exp(advantage / self.weight_temperature).clamp(max=MAX_ADVANTAGE_WEIGHT)
 
     def _kept(self, episode_advantage):
-        """The episode filter's rule: imitate an episode unless its return fell short of its
-        start's value, by more than ``filter_margin`` x the temperature (not yet judged,
-        NaN: kept). Why no margin by default: a margin of one temperature kept the poor
+        """The episode filter's rule: imitate an episode only if its ``A_episode`` (its return
+        against its start's value) is above -``filter_margin`` x the temperature, by default
+        above 0 (not yet judged, NaN: kept). Why no margin by default: a margin of one temperature kept the poor
         episodes whose judgement sits just below 0, 6% to 16% of the kept rows at the end of
         a benchmark run (README_MULTIMODAL.md, fifteenth round); CRR's binary filter is A > 0."""
         threshold = -self.filter_margin * self.weight_temperature
