@@ -84,9 +84,10 @@ def build_parser():
            "default); policy = Q_target at the latent policy's action (the original LAPO's)")
     a("--value_expectile", type=float, default=0.7,
       help="expectile of the data's Q that V fits with --value_target data, in (0, 1) (default: 0.7)")
-    a("--weight_temperature", type=float, default=0.1,
-      help="CVAE weights exp(A / this), clipped at 100 (default: 0.1, in units of the largest one-step "
-           "reward); 0: the original LAPO's two weights, --expectile and 1 - it")
+    a("--weight_temperature", type=float, default=0.05,
+      help="CVAE weights exp(A / this), clipped at 100 (default: 0.05, in units of the largest one-step "
+           "reward; 0.1 before the eighteenth round); 0: the original LAPO's two weights, --expectile and "
+           "1 - it")
     a("--no_episode_filter", action="store_true",
       help="imitate every episode; by default the CVAE skips the episodes whose return falls short of the "
            "value of their start (see --filter_margin), and weighs the others' rows by "

@@ -660,7 +660,7 @@ class MultimodalLatent(MultimodalAgent):
                  discount=0.99, tau=0.005, vae_lr=2e-4, actor_lr=2e-4, critic_lr=1e-3, latent_dim=None,
                  max_latent_action=0.5, expectile=0.99, kl_beta=1.0, no_noise=False, doubleq_min=1.0,
                  encoder_losses="critic+vae", image_shift=0, return_bound=True, value_target="data",
-                 value_expectile=0.7, weight_temperature=0.1, episode_filter=True, kept_batch_frac=0.5,
+                 value_expectile=0.7, weight_temperature=0.05, episode_filter=True, kept_batch_frac=0.5,
                  polyak_acting=True, encoder_lr_decay=0.5, filter_margin=0.0):
         super().__init__(joint_dim, action_dim, image_shape, normalization, replay_buffer, device,
                          obs_feature_dim, image_feature_dim, encoder_lr, pretrained_weights, amp,

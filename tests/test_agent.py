@@ -190,7 +190,7 @@ def test_a_checkpoint_older_than_a_setting_resumes_with_the_algorithm_it_was_tra
     for agent in (algos.MultimodalAgent.from_checkpoint(path), resumed):
         assert tuple(getattr(agent, k) for k in settings) == (False, "policy", 0.0, 0.0, False, 0.0, 1.0)
     fresh = algos.MultimodalLatent(**SMALL)   # a new run gets today's defaults
-    assert tuple(getattr(fresh, k) for k in settings) == (True, "data", 0.1, 0.5, True, 0.5, 0.0)
+    assert tuple(getattr(fresh, k) for k in settings) == (True, "data", 0.05, 0.5, True, 0.5, 0.0)
 
 
 @pytest.mark.parametrize("algo", ["lapo", "bc"])
