@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from algos import simulator
-from algos.utils_multimodal import format_validation_report, inspect_hdf5
+from algos.hdf5_format import format_validation_report, inspect_hdf5
 
 
 def build_parser():

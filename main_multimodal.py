@@ -26,13 +26,12 @@ import torch
 from tqdm import tqdm
 
 from algos import algos_vae_multimodal as algos
-from algos import simulator
+from algos import hdf5_format, simulator
 from algos import utils_multimodal as utils
 
 # The built-in default (no --hdf5_path): a small sample recorded once, a short run.
 DEMO = {"hdf5_path": os.path.join("results", "sample_data.hdf5"), "n_samples": 4000, "image_size": 32,
         "max_timesteps": 1000, "eval_freq": 250, "save_freq": 500}
-EVAL_SEED_BASE = 1_000_000     # rollout seeds; the sample data is recorded from other seeds
 EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_WRITE_FAILED = 2, 3, 4
 
 
@@ -343,22 +342,6 @@ class StopFlag:
         return self.signum is not None
 
 
-class RolloutEvaluator:
-    """Rolls the policy out in the dataset's simulator on fixed seeds (one batched call per step)."""
-
-    def __init__(self, name, config, episodes):
-        self.name, self.config = name, config
-        self.seeds = [EVAL_SEED_BASE + i for i in range(episodes)]
-        self.envs = [simulator.make_simulator(name, config) for _ in self.seeds]
-        self.references = simulator.reference_returns(name, config, self.seeds)
-
-    def __call__(self, agent):
-        returns, successes, _ = simulator.rollout(self.envs, agent.act_on_observations, self.seeds)
-        avg = float(returns.mean())
-        return {"AverageReturn": avg, "StdReturn": float(returns.std()), "SuccessRate": float(successes.mean()),
-                "NormalizedScore": simulator.normalized_score(avg, self.references)}
-
-
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -427,8 +410,8 @@ def run(argv):
 def train(args, argv, folder, ckpt_path, device):
     seed_everything(args.seed)
     try:
-        dataset = utils.load_dataset(args.hdf5_path)
-    except utils.DatasetError as exc:
+        dataset = hdf5_format.load_dataset(args.hdf5_path)
+    except hdf5_format.DatasetError as exc:
         raise UserError(str(exc)) from None
     for warning in dataset.warnings:
         print(f"warning: {args.hdf5_path}: {warning}")
@@ -493,7 +476,7 @@ def train(args, argv, folder, ckpt_path, device):
     evaluator = None
     if sim_spec and args.eval_episodes > 0:
         try:
-            evaluator = RolloutEvaluator(sim_spec[0], sim_spec[1], args.eval_episodes)
+            evaluator = simulator.RolloutEvaluator(sim_spec[0], sim_spec[1], args.eval_episodes)
         except (ValueError, TypeError) as exc:
             raise UserError(f"simulator {sim_spec[0]!r}: {exc}") from None
     if evaluator is not None and evaluator.references:

@@ -48,7 +48,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from algos.utils_multimodal import IMAGE_KEYS, Normalization
+from algos.hdf5_format import IMAGE_KEYS
+from algos.utils_multimodal import Normalization
 
 CHECKPOINT_FORMAT = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

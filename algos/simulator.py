@@ -35,7 +35,8 @@ import os
 
 import numpy as np
 
-IMAGE_VIEWS = ("left_image", "right_image", "global_image")
+from algos.hdf5_format import IMAGE_KEYS, DatasetWriter
+
 SIMULATOR_ATTR = "simulator"            # HDF5 attribute naming the simulator
 SIMULATOR_CONFIG_ATTR = "simulator_config"
 REFERENCE_BEHAVIOURS = ("expert", "noisy")   # normalised score: noisy = 0, expert = 1
@@ -383,6 +384,25 @@ def normalized_score(average_return, references):
     return (average_return - references["noisy"]) / span
 
 
+EVAL_SEED_BASE = 1_000_000     # rollout seeds; sample datasets are recorded from other seeds
+
+
+class RolloutEvaluator:
+    """Rolls the policy out in the dataset's simulator on fixed seeds (one batched call per step)."""
+
+    def __init__(self, name, config, episodes):
+        self.name, self.config = name, config
+        self.seeds = [EVAL_SEED_BASE + i for i in range(episodes)]
+        self.envs = [make_simulator(name, config) for _ in self.seeds]
+        self.references = reference_returns(name, config, self.seeds)
+
+    def __call__(self, agent):
+        returns, successes, _ = rollout(self.envs, agent.act_on_observations, self.seeds)
+        avg = float(returns.mean())
+        return {"AverageReturn": avg, "StdReturn": float(returns.std()), "SuccessRate": float(successes.mean()),
+                "NormalizedScore": normalized_score(avg, self.references)}
+
+
 # ------------------------------------------------------------------ sample datasets
 DEFAULT_MIX = {"expert": 1 / 3, "wrong": 1 / 3, "noisy": 1 / 3}
 
@@ -416,7 +436,6 @@ def create_sample_dataset(path, n_samples=5000, image_size=(84, 84), mix=None, s
     and mix produced it, and the behaviour of every row (key ``behaviour``).
     """
     from tqdm import tqdm
-    from algos.utils_multimodal import DatasetWriter
 
     mix = dict(mix or DEFAULT_MIX)
     names = list(BEHAVIOURS)
@@ -457,7 +476,7 @@ def _record_episode(env, behaviour, seed, max_rows):
     done = False
     while not done and len(rows["rewards"]) < max_rows:
         action = operator(env)
-        for k in IMAGE_VIEWS + ("joint",):
+        for k in IMAGE_KEYS + ("joint",):
             rows[k].append(obs[k])
         next_obs, reward, terminated, truncated, _ = env.step(action)
         rows["actions"].append(action.astype(np.float32))

@@ -33,7 +33,7 @@ def synthetic_dataset(n_rows, image_size, joint_dim=16, episode_len=50, seed=0):
     terminals = np.zeros(n_rows, bool)
     terminals[episode_len - 1::episode_len] = True
     terminals[-1] = True
-    return utils.OfflineDataset("synthetic", images, rng.normal(size=(n_rows, joint_dim)).astype(np.float32),
+    return hdf5_format.OfflineDataset("synthetic", images, rng.normal(size=(n_rows, joint_dim)).astype(np.float32),
                                 rng.normal(size=(n_rows, joint_dim)).astype(np.float32),
                                 rng.random(n_rows).astype(np.float32), terminals, np.zeros(n_rows, bool), {}, [])
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from algos import algos_vae_multimodal as algos
+from algos import hdf5_format
 from algos import utils_multimodal as utils
 from conftest import ENV, ROOT, write_dataset
 
@@ -14,7 +15,7 @@ SMALL = dict(obs_feature_dim=32, image_feature_dim=16, device="cpu")
 
 
 def make_buffer(path, **kw):
-    return utils.MultimodalReplayBuffer(utils.load_dataset(path, progress=False), 0.8, seed=0, **kw)
+    return utils.MultimodalReplayBuffer(hdf5_format.load_dataset(path, progress=False), 0.8, seed=0, **kw)
 
 
 @pytest.fixture

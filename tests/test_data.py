@@ -4,22 +4,23 @@ import numpy as np
 import pytest
 import torch
 
+from algos import hdf5_format
 from algos import utils_multimodal as utils
 from conftest import run_cli, write_dataset
 
 
 def problems_of(path):
-    return utils.inspect_hdf5(path).problems
+    return hdf5_format.inspect_hdf5(path).problems
 
 
 def test_valid_dataset_has_no_problems(tiny_dataset):
-    summary = utils.inspect_hdf5(tiny_dataset)
+    summary = hdf5_format.inspect_hdf5(tiny_dataset)
     assert summary.ok, summary.problems
     assert summary.n_rows == 60 and summary.image_shape == (16, 16)
     assert summary.joint_dim == 16 and summary.action_dim == 16 and summary.has_timeouts
 
 
-@pytest.mark.parametrize("key", utils.REQUIRED_KEYS)
+@pytest.mark.parametrize("key", hdf5_format.REQUIRED_KEYS)
 def test_each_missing_key_is_named(tmp_path, key):
     path = write_dataset(tmp_path / "d.hdf5", skip=(key,))
     assert any(p.startswith(f"{key}: missing") for p in problems_of(path)), problems_of(path)
@@ -103,7 +104,7 @@ def test_create_sample_cli_writes_a_valid_file(tmp_path):
     out = tmp_path / "s.hdf5"
     res = run_cli("create_dataset.py", "--create_sample", "--output", out, "--n_samples", 120, "--image_size", 24)
     assert res.returncode == 0, res.stderr
-    summary = utils.inspect_hdf5(out)
+    summary = hdf5_format.inspect_hdf5(out)
     assert summary.ok and summary.n_rows == 120 and summary.image_shape == (24, 24)
     assert summary.attrs["simulator"] == "dual_arm_reach"
 
@@ -181,7 +182,7 @@ def test_n_step_transitions_match_their_definition_on_random_episodes():
 
 def test_n_step_buffer_bootstraps_from_k_rows_on(tmp_path):
     path = write_dataset(tmp_path / "d.hdf5", n_rows=40, episode_len=10)
-    data = utils.load_dataset(path, progress=False)
+    data = hdf5_format.load_dataset(path, progress=False)
     one = utils.MultimodalReplayBuffer(data, 0.5, seed=0, discount=0.9)
     three = utils.MultimodalReplayBuffer(data, 0.5, seed=0, discount=0.9, n_step=3)
     row = int(one.train_rows[0])   # the first row of an episode of 10: three rewards fit
@@ -196,16 +197,16 @@ def test_last_row_ending_no_episode_is_fixed_up_and_reported(tmp_path):
     terminals = np.zeros(n, bool)
     terminals[9] = True
     path = write_dataset(tmp_path / "d.hdf5", n_rows=n, timeouts=False, override={"terminals": terminals})
-    summary = utils.inspect_hdf5(path)
+    summary = hdf5_format.inspect_hdf5(path)
     assert summary.ok and any("last row ends no episode" in w for w in summary.warnings)
-    data = utils.load_dataset(path, progress=False)
+    data = hdf5_format.load_dataset(path, progress=False)
     assert data.timeouts[-1] and not data.terminals[-1]
     assert utils.episode_ranges(data.terminals, data.timeouts) == [(0, 10), (10, 30)]
 
 
 def test_split_is_by_whole_episodes(tmp_path):
     path = write_dataset(tmp_path / "d.hdf5", n_rows=200, episode_len=10)
-    buffer = utils.MultimodalReplayBuffer(utils.load_dataset(path, progress=False), 0.8, seed=3)
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(path, progress=False), 0.8, seed=3)
     train_eps = set(buffer.episode_of_row[buffer.train_rows.numpy()])
     test_eps = set(buffer.episode_of_row[buffer.test_rows.numpy()])
     assert train_eps and test_eps and not train_eps & test_eps
@@ -215,7 +216,7 @@ def test_split_is_by_whole_episodes(tmp_path):
 
 def test_masked_share_of_a_batch_comes_only_from_the_masked_episodes(tmp_path):
     path = write_dataset(tmp_path / "d.hdf5", n_rows=200, episode_len=10)
-    buffer = utils.MultimodalReplayBuffer(utils.load_dataset(path, progress=False), 0.8, seed=3)
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(path, progress=False), 0.8, seed=3)
     train_eps = sorted(set(buffer.train_episode_ids.tolist()))
     mask = torch.zeros(buffer.n_episodes, dtype=torch.bool)
     mask[train_eps[:2]] = True
@@ -233,12 +234,12 @@ def test_masked_share_of_a_batch_comes_only_from_the_masked_episodes(tmp_path):
 def test_fewer_episodes_than_the_split_needs(tmp_path):
     path = write_dataset(tmp_path / "d.hdf5", n_rows=10, episode_len=10)
     with pytest.raises(ValueError, match="at least 2"):
-        utils.MultimodalReplayBuffer(utils.load_dataset(path, progress=False))
+        utils.MultimodalReplayBuffer(hdf5_format.load_dataset(path, progress=False))
 
 
 def test_normalisation_round_trips_and_uses_training_rows_only(tmp_path):
     path = write_dataset(tmp_path / "d.hdf5", n_rows=100)
-    data = utils.load_dataset(path, progress=False)
+    data = hdf5_format.load_dataset(path, progress=False)
     buffer = utils.MultimodalReplayBuffer(data, 0.8, seed=0)
     norm = buffer.normalization
     train_rows = np.isin(buffer.episode_of_row, buffer.train_episode_ids)
@@ -251,7 +252,7 @@ def test_normalisation_round_trips_and_uses_training_rows_only(tmp_path):
 
 def test_reward_scaling_keeps_the_sign_of_negative_rewards(tmp_path):
     path = write_dataset(tmp_path / "d.hdf5", override={"rewards": -np.linspace(1, 4, 60).astype(np.float32)})
-    buffer = utils.MultimodalReplayBuffer(utils.load_dataset(path, progress=False), 0.8, seed=0, discount=0.99)
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(path, progress=False), 0.8, seed=0, discount=0.99)
     assert buffer.rewards.max() < 0 and buffer.rewards.min() >= -1
     assert buffer.normalization.min_v == pytest.approx(buffer.rewards.min().item() / 0.01, rel=1e-4)
     assert buffer.normalization.max_v == 0
@@ -259,7 +260,7 @@ def test_reward_scaling_keeps_the_sign_of_negative_rewards(tmp_path):
 
 def test_images_stay_uint8_and_batches_hold_next_observations(tmp_path):
     path = write_dataset(tmp_path / "d.hdf5", n_rows=40, episode_len=10)
-    data = utils.load_dataset(path, progress=False)
+    data = hdf5_format.load_dataset(path, progress=False)
     assert data.images.dtype == np.uint8 and data.images.shape == (40, 3, 16, 16, 3)
     buffer = utils.MultimodalReplayBuffer(data, 0.5, seed=0)
     batch = buffer.sample(16)
@@ -274,7 +275,7 @@ def test_images_stay_uint8_and_batches_hold_next_observations(tmp_path):
 def test_chunked_gzip_aloha_shaped_dataset_loads(tmp_path):
     path = write_dataset(tmp_path / "aloha.hdf5", n_rows=50, joint_dim=14, action_dim=14, image_shape=(48, 64),
                          compression="gzip", chunks=16)
-    data = utils.load_dataset(path, progress=False)
+    data = hdf5_format.load_dataset(path, progress=False)
     assert data.images.shape == (50, 3, 48, 64, 3) and data.joint.shape == (50, 14)
     with h5py.File(path) as f:
         assert np.array_equal(data.images[:, 2], f["observations/global_image"][:])
@@ -288,7 +289,7 @@ def test_joint_target_actions_are_learned_relative_to_the_joints(tmp_path):
     actions[:, 3] = rng.integers(0, 2, 100)        # a gripper command: not a joint target
     path = write_dataset(tmp_path / "d.hdf5", n_rows=100, joint_dim=4, action_dim=4,
                          override={"observations/joint": joint, "actions": actions})
-    data = utils.load_dataset(path, progress=False)
+    data = hdf5_format.load_dataset(path, progress=False)
     auto = utils.MultimodalReplayBuffer(data, 0.8, seed=0).normalization
     assert auto.action_relative.tolist() == [1, 1, 1, 0]
     assert (auto.action_std[:3] < 0.1).all()
@@ -297,5 +298,5 @@ def test_joint_target_actions_are_learned_relative_to_the_joints(tmp_path):
     assert np.allclose(auto.unnormalize_action(auto.normalize_action(actions, joint), joint), actions, atol=1e-5)
     # widths that differ cannot be relative
     path2 = write_dataset(tmp_path / "e.hdf5", joint_dim=6, action_dim=4)
-    buffer = utils.MultimodalReplayBuffer(utils.load_dataset(path2, progress=False), 0.8, seed=0)
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(path2, progress=False), 0.8, seed=0)
     assert not buffer.normalization.action_relative.any()

@@ -15,6 +15,7 @@ import torch
 
 import main_multimodal
 from algos import algos_vae_multimodal as algos
+from algos import hdf5_format
 from algos import utils_multimodal as utils
 from conftest import ENV, ROOT, TINY_TRAIN, run_cli, write_dataset
 
@@ -50,7 +51,7 @@ def test_truncated_hdf5_file(tmp_path, capsys):
     assert_refused(tmp_path, capsys, train_in_process(tmp_path, data), str(data), "truncated or corrupt")
 
 
-@pytest.mark.parametrize("key", utils.REQUIRED_KEYS)
+@pytest.mark.parametrize("key", hdf5_format.REQUIRED_KEYS)
 def test_each_required_key_missing(tmp_path, capsys, key):
     data = write_dataset(tmp_path / "d.hdf5", skip=(key,))
     assert_refused(tmp_path, capsys, train_in_process(tmp_path, data), str(data), f"{key}: missing")
@@ -139,7 +140,7 @@ def test_resuming_with_a_dataset_of_another_width(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- atomic outputs
 def test_a_failed_save_leaves_no_model_file(tmp_path, monkeypatch, tiny_dataset):
-    buffer = utils.MultimodalReplayBuffer(utils.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
     agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu")
 
     def dying_save(obj, f):
@@ -302,7 +303,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_
 
 
 def test_value_targets_are_clamped(tiny_dataset):
-    buffer = utils.MultimodalReplayBuffer(utils.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
     agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu")
     with torch.no_grad():
         # target_Q bootstraps from the current critic's V, target_V from the target critic's Q
@@ -316,7 +317,7 @@ def test_value_targets_are_clamped(tiny_dataset):
 
 @pytest.mark.parametrize("return_bound", [True, False])
 def test_observed_return_bounds_the_q_target_from_below(tiny_dataset, return_bound):
-    buffer = utils.MultimodalReplayBuffer(utils.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
     agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu",
                                    return_bound=return_bound)
     with torch.no_grad():
@@ -344,7 +345,7 @@ def test_two_exp_ids_never_share_files(tmp_path, tiny_dataset):
 def test_value_over_the_data_is_the_expectile_of_its_q(tiny_dataset):
     """value_target="data": V(s) is fitted to Q_target at the data's own action by the
     expectile loss, so with targets 0 and 1 equally often it settles at the expectile."""
-    buffer = utils.MultimodalReplayBuffer(utils.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
     agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu",
                                    value_target="data", value_expectile=0.8)
     agent.critic_target = lambda feature, action: (action[:, :1], action[:, :1] + 1)   # Q_t(s, a) = a[0]
@@ -366,7 +367,7 @@ def test_episode_filter_drops_episodes_that_fall_short_and_lifts_the_rest(tiny_d
     """exp(max(A, A_episode) / T) clipped, 0 on every row of an episode whose A_episode is
     below 0 (by default) or below -filter_margin x T, and the plain exp(A / T) where the
     episode has not been judged yet (NaN)."""
-    buffer = utils.MultimodalReplayBuffer(utils.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
     advantage = torch.tensor([[0.05], [0.05], [-0.3], [0.2], [-2.0], [0.1]])
     episode_advantage = torch.tensor([[float("nan")], [-0.15], [0.1], [-0.05], [1.0], [-0.01]])
     lifted = [float(np.exp(0.5)), float(np.exp(0.5)), float(np.exp(1.0)), float(np.exp(2.0)), algos.MAX_ADVANTAGE_WEIGHT,
@@ -384,7 +385,7 @@ def test_episode_filter_drops_episodes_that_fall_short_and_lifts_the_rest(tiny_d
 
 
 def test_every_training_episode_is_judged_at_its_first_row(tiny_dataset):
-    buffer = utils.MultimodalReplayBuffer(utils.load_dataset(tiny_dataset, progress=False), 0.8, seed=0, n_step=100)
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), 0.8, seed=0, n_step=100)
     first_rows = buffer.train_episode_first_rows
     episodes = buffer.episode_index[first_rows]
     assert sorted(episodes.tolist()) == sorted(buffer.train_episode_ids.tolist())
@@ -409,7 +410,7 @@ def test_every_training_episode_is_judged_at_its_first_row(tiny_dataset):
 
 
 def test_half_of_each_batch_comes_from_the_episodes_the_filter_keeps(tiny_dataset):
-    buffer = utils.MultimodalReplayBuffer(utils.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
     agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu")
     assert agent.kept_batch_frac == 0.5
     train_eps = sorted(buffer.train_episode_ids.tolist())
@@ -423,7 +424,7 @@ def test_half_of_each_batch_comes_from_the_episodes_the_filter_keeps(tiny_datase
 
 
 def test_advantage_weights_exponential_or_two_valued(tiny_dataset):
-    buffer = utils.MultimodalReplayBuffer(utils.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
     advantage = torch.tensor([[-1.0], [0.0], [0.05], [1.0]])
     two_valued = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16,
                                         device="cpu", expectile=0.9, weight_temperature=0)

@@ -10,6 +10,7 @@ import torch
 
 from algos import algos_vae_multimodal as algos
 from algos import simulator
+from algos import hdf5_format
 from algos import utils_multimodal as utils
 from conftest import ROOT, TINY_TRAIN, run_cli
 
@@ -17,7 +18,7 @@ from conftest import ROOT, TINY_TRAIN, run_cli
 def test_interface_shapes_and_episode_end():
     env = simulator.DualArmReach(image_size=(24, 40), max_steps=5)
     obs = env.reset(seed=3)
-    for key in utils.IMAGE_KEYS:
+    for key in hdf5_format.IMAGE_KEYS:
         assert obs[key].shape == (24, 40, 3) and obs[key].dtype == np.uint8
     assert obs["joint"].shape == (16,) and obs["joint"].dtype == np.float32
     for t in range(5):
@@ -142,7 +143,7 @@ def test_eval_run_writes_real_returns(tmp_path, sim_dataset):
     seeds = params["simulator"]["eval_seeds"]
     envs = [simulator.make_simulator("dual_arm_reach", params["simulator"]["config"]) for _ in seeds]
     returns, _, _ = simulator.rollout(envs, lambda obs: agent.select_action(
-        *(np.stack([o[k] for o in obs]) for k in utils.IMAGE_KEYS), np.stack([o["joint"] for o in obs])), seeds)
+        *(np.stack([o[k] for o in obs]) for k in hdf5_format.IMAGE_KEYS), np.stack([o["joint"] for o in obs])), seeds)
     last = rows[-1]
     assert float(last["AverageReturn"]) == pytest.approx(returns.mean(), rel=1e-4, abs=1e-4)
     assert float(last["StdReturn"]) == pytest.approx(returns.std(), rel=1e-4, abs=1e-4)
@@ -157,14 +158,14 @@ def test_short_lapo_run_improves_over_its_untrained_self(tmp_path):
     simulator.create_sample_dataset(path, n_samples=3000, image_size=(16, 16), seed=3,
                                     mix={"expert": 0.8, "noisy": 0.2}, progress=False)
     torch.manual_seed(0)
-    buffer = utils.MultimodalReplayBuffer(utils.load_dataset(path, progress=False), 0.9, seed=0)
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(path, progress=False), 0.9, seed=0)
     agent = algos.MultimodalLatent(replay_buffer=buffer, device="cpu")
     seeds = list(range(100, 110))
     envs = [simulator.DualArmReach(image_size=16) for _ in seeds]
 
     def score():
         returns, _, _ = simulator.rollout(envs, lambda obs: agent.select_action(
-            *(np.stack([o[k] for o in obs]) for k in utils.IMAGE_KEYS), np.stack([o["joint"] for o in obs])), seeds)
+            *(np.stack([o[k] for o in obs]) for k in hdf5_format.IMAGE_KEYS), np.stack([o["joint"] for o in obs])), seeds)
         return returns.mean()
     before = score()
     agent.train(400, 32)

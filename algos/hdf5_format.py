@@ -1,0 +1,383 @@
+"""The dataset file format: validation, loading and writing (numpy and h5py only, no torch).
+
+One HDF5 file, N transitions in time order, episodes back to back:
+
+    observations/left_image    [N, H, W, 3] uint8     left wrist camera
+    observations/right_image   [N, H, W, 3] uint8     right wrist camera
+    observations/global_image  [N, H, W, 3] uint8     global camera
+    observations/joint         [N, J]       float     joint vector (J = 16 on the reference robot)
+    actions                    [N, A]       float     joint targets
+    rewards                    [N]          float
+    terminals                  [N]          bool      true task end: no bootstrapping
+    timeouts (optional)        [N]          bool      cut off by time: not a terminal, no bootstrapping
+
+Images stay uint8 (N x 3 views x H x W x 3 bytes) in one array; a batch becomes float only
+on the training device, inside the encoder. The simulator and the dataset tools import
+this module without torch.
+"""
+import os
+from dataclasses import dataclass, field
+
+import h5py
+import numpy as np
+from tqdm import tqdm
+
+# The three camera views, in the order every part of the project stacks them.
+IMAGE_KEYS = ("left_image", "right_image", "global_image")
+JOINT_KEY = "joint"
+REQUIRED_KEYS = tuple(f"observations/{k}" for k in IMAGE_KEYS + (JOINT_KEY,)) + ("actions", "rewards", "terminals")
+OPTIONAL_KEYS = ("timeouts",)
+FLOAT_KEYS = ("observations/joint", "actions", "rewards")
+FLAG_KEYS = ("terminals", "timeouts")
+READ_ROWS = 2048          # rows per HDF5 read: large slices, bounded temporary memory
+
+
+class DatasetError(Exception):
+    """A dataset that cannot be trained on; ``problems`` lists every problem found."""
+
+    def __init__(self, path, problems):
+        self.path = str(path)
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{self.path}: {len(self.problems)} problem(s) found:\n{lines}")
+
+
+@dataclass
+class DatasetSummary:
+    """What validation found: the file's tree, its facts, problems and warnings."""
+
+    path: str
+    tree: list = field(default_factory=list)       # lines of the printed tree
+    problems: list = field(default_factory=list)   # "key: problem" strings
+    warnings: list = field(default_factory=list)
+    n_rows: int = 0
+    image_shape: tuple = None                      # (H, W)
+    joint_dim: int = None
+    action_dim: int = None
+    has_timeouts: bool = False
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def ok(self):
+        return not self.problems
+
+
+def _describe(obj):
+    if isinstance(obj, h5py.Dataset):
+        dtype = "bool" if obj.dtype == np.bool_ else str(obj.dtype)
+        extra = ""
+        if obj.compression:
+            extra = f", {obj.compression}"
+        return f"{dtype}, shape={tuple(obj.shape)}{extra}"
+    return None
+
+
+CANONICAL_ORDER = {"": ("observations", "actions", "rewards", "terminals", "timeouts"),
+                   "observations": IMAGE_KEYS + (JOINT_KEY,)}
+
+
+def _tree_lines(group, prefix="  ", path=""):
+    """The guide's tree: known keys in the guide's order, then anything else (marked unused)."""
+    lines = []
+    known = CANONICAL_ORDER.get(path, ())
+    names = [k for k in known if k in group] + sorted(k for k in group.keys() if k not in known)
+    for i, name in enumerate(names):
+        last = i == len(names) - 1
+        branch, cont = ("└─ ", "   ") if last else ("├─ ", "│  ")
+        obj = group.get(name, getclass=False)
+        note = "" if name in known else "  (not used for training)"
+        if isinstance(obj, h5py.Group):
+            lines.append(f"{prefix}{branch}{name}/{note}")
+            lines.extend(_tree_lines(obj, prefix + cont, f"{path}/{name}".strip("/")))
+        elif isinstance(obj, h5py.Dataset):
+            lines.append(f"{prefix}{branch}{name}: {_describe(obj)}{note}")
+        else:
+            lines.append(f"{prefix}{branch}{name}{note}")
+    return lines
+
+
+def _scan_finite(dset, key, problems):
+    """Report NaN/Inf in a float dataset, reading it in slices."""
+    bad, first = 0, None
+    for start in range(0, dset.shape[0], READ_ROWS * 16):
+        block = np.asarray(dset[start:start + READ_ROWS * 16])
+        mask = ~np.isfinite(block)
+        if mask.ndim > 1:
+            mask = mask.reshape(mask.shape[0], -1).any(1)
+        if mask.any():
+            bad += int(mask.sum())
+            if first is None:
+                first = start + int(np.argmax(mask))
+    if bad:
+        problems.append(f"{key}: contains NaN or Inf in {bad} row(s) (first at row {first})")
+
+
+def inspect_hdf5(path, check_values=True):
+    """Validate a dataset file against the format above; never raises for a bad file.
+
+    Returns a ``DatasetSummary`` whose ``problems`` lists every problem found, each
+    naming the key, so a user can fix them all at once.
+    """
+    path = str(path)
+    summary = DatasetSummary(path=path)
+    problems = summary.problems
+    if not os.path.exists(path):
+        problems.append("file not found")
+        return summary
+    if os.path.isdir(path):
+        problems.append("is a directory, not an HDF5 file")
+        return summary
+    if os.path.getsize(path) == 0:
+        problems.append("file is empty (0 bytes), not an HDF5 file")
+        return summary
+    try:
+        is_hdf5 = h5py.is_hdf5(path)
+    except OSError as exc:
+        problems.append(f"cannot be read: {exc}")
+        return summary
+    if not is_hdf5:
+        problems.append("not an HDF5 file (no HDF5 signature)")
+        return summary
+    try:
+        with h5py.File(path, "r") as f:
+            _inspect_open_file(f, summary, check_values)
+    except (OSError, RuntimeError, KeyError, ValueError) as exc:
+        problems.append(f"cannot be read as HDF5 (truncated or corrupt file?): {exc}")
+    return summary
+
+
+def _inspect_open_file(f, summary, check_values):
+    problems = summary.problems
+    summary.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    summary.tree = _tree_lines(f)
+    if len(f.keys()) == 0:
+        problems.append("file is empty: it holds no datasets")
+        return
+    present = {}
+    for key in REQUIRED_KEYS + OPTIONAL_KEYS:
+        obj = f.get(key, getclass=False) if _parent_exists(f, key) else None
+        if obj is None:
+            if key in REQUIRED_KEYS:
+                problems.append(f"{key}: missing (required)")
+            continue
+        if not isinstance(obj, h5py.Dataset):
+            problems.append(f"{key}: is a group, expected a dataset")
+            continue
+        present[key] = obj
+    summary.has_timeouts = "timeouts" in present
+
+    # dtype and rank
+    image_shapes = {}
+    for view in IMAGE_KEYS:
+        key = f"observations/{view}"
+        d = present.get(key)
+        if d is None:
+            continue
+        if d.dtype != np.uint8:
+            problems.append(f"{key}: dtype {d.dtype}, expected uint8 (0-255 RGB)")
+        if d.ndim != 4:
+            problems.append(f"{key}: rank {d.ndim} (shape {tuple(d.shape)}), expected [N, H, W, 3]")
+        elif d.shape[3] != 3:
+            problems.append(f"{key}: {d.shape[3]} channels (shape {tuple(d.shape)}), expected 3 (RGB, channels last)")
+        else:
+            image_shapes[key] = tuple(d.shape[1:3])
+    if len(set(image_shapes.values())) > 1:
+        sizes = ", ".join(f"{k.split('/')[-1]} {h}x{w}" for k, (h, w) in image_shapes.items())
+        problems.append(f"observations: the three views differ in size ({sizes}); they must share one H x W")
+    elif image_shapes:
+        summary.image_shape = next(iter(image_shapes.values()))
+
+    for key, rank_ok, want in (("observations/joint", (2,), "[N, J]"), ("actions", (2,), "[N, A]"),
+                               ("rewards", (1, 2), "[N]")):
+        d = present.get(key)
+        if d is None:
+            continue
+        if not np.issubdtype(d.dtype, np.floating):
+            problems.append(f"{key}: dtype {d.dtype}, expected float32")
+        if d.ndim not in rank_ok or (key == "rewards" and d.ndim == 2 and d.shape[1] != 1):
+            problems.append(f"{key}: shape {tuple(d.shape)}, expected {want}")
+        elif d.ndim == 2 and d.shape[1] == 0:
+            problems.append(f"{key}: shape {tuple(d.shape)} has zero width")
+    if "observations/joint" in present and present["observations/joint"].ndim == 2:
+        summary.joint_dim = int(present["observations/joint"].shape[1])
+    if "actions" in present and present["actions"].ndim == 2:
+        summary.action_dim = int(present["actions"].shape[1])
+    for key in FLAG_KEYS:
+        d = present.get(key)
+        if d is None:
+            continue
+        if not (d.dtype == np.bool_ or np.issubdtype(d.dtype, np.integer)):
+            problems.append(f"{key}: dtype {d.dtype}, expected bool")
+        if d.ndim != 1:
+            problems.append(f"{key}: shape {tuple(d.shape)}, expected [N]")
+
+    # row counts
+    rows = {k: int(d.shape[0]) for k, d in present.items() if d.ndim >= 1}
+    if rows:
+        counts = set(rows.values())
+        if len(counts) > 1:
+            listing = ", ".join(f"{k}={n}" for k, n in rows.items())
+            problems.append(f"row counts disagree: {listing}")
+        summary.n_rows = min(counts)
+        if max(counts) == 0:
+            problems.append("dataset is empty: 0 rows")
+    if problems or not check_values:
+        return
+
+    for key in FLOAT_KEYS:
+        _scan_finite(present[key], key, problems)
+    for key in FLAG_KEYS:
+        if key in present and present[key].dtype != np.bool_:
+            values = np.asarray(present[key][:])
+            if not np.isin(values, (0, 1)).all():
+                problems.append(f"{key}: integer flags must be 0 or 1")
+    if problems:
+        return
+    ends = np.asarray(present["terminals"][:]).astype(bool)
+    if "timeouts" in present:
+        ends |= np.asarray(present["timeouts"][:]).astype(bool)
+    if not ends[-1]:
+        summary.warnings.append("the last row ends no episode (terminals and timeouts are false there); "
+                                "it is treated as a timeout")
+
+
+def _parent_exists(f, key):
+    parent = key.rsplit("/", 1)[0] if "/" in key else ""
+    return parent == "" or isinstance(f.get(parent, getclass=False), h5py.Group)
+
+
+def format_validation_report(summary):
+    """The human-readable report that ``create_dataset.py --validate`` prints."""
+    lines = [f"Validating dataset / 验证数据集: {summary.path}", "=" * 60, ""]
+    if summary.tree:
+        lines += ["File structure / 文件结构:"] + summary.tree + [""]
+    if summary.ok:
+        h, w = summary.image_shape
+        lines.append(f"  rows: {summary.n_rows}, images: {h}x{w}, joint width: {summary.joint_dim}, "
+                     f"action width: {summary.action_dim}, timeouts: {'yes' if summary.has_timeouts else 'no'}")
+        for warning in summary.warnings:
+            lines.append(f"  ! warning: {warning}")
+        lines += ["", "✓ Dataset format is valid! (数据格式验证成功!)"]
+    else:
+        lines.append(f"✗ {len(summary.problems)} problem(s) found (数据格式验证失败):")
+        lines += [f"  - {summary.path}: {p}" for p in summary.problems]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- loading
+@dataclass
+class OfflineDataset:
+    """A validated dataset in memory: uint8 images [N, 3 views, H, W, 3] and float32 arrays."""
+
+    path: str
+    images: np.ndarray
+    joint: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    terminals: np.ndarray
+    timeouts: np.ndarray
+    attrs: dict
+    warnings: list
+
+    @property
+    def n_rows(self):
+        return len(self.rewards)
+
+
+def load_dataset(path, progress=True):
+    """Validate then read a dataset into memory; raises ``DatasetError`` listing every problem.
+
+    Images are read in large slices straight into one preallocated uint8 array, so peak
+    memory is the dataset's uint8 size plus one slice.
+    """
+    summary = inspect_hdf5(path)
+    if not summary.ok:
+        raise DatasetError(path, summary.problems)
+    n, (h, w) = summary.n_rows, summary.image_shape
+    images = np.empty((n, len(IMAGE_KEYS), h, w, 3), np.uint8)
+    key = None
+    try:
+        with h5py.File(path, "r") as f:
+            bar = tqdm(total=n * len(IMAGE_KEYS), desc=f"Loading {os.path.basename(str(path))}", unit="img",
+                       unit_scale=True, disable=not progress, leave=False)
+            for v, view in enumerate(IMAGE_KEYS):
+                key = f"observations/{view}"
+                dset = f[key]
+                step = READ_ROWS
+                if dset.chunks:   # read whole chunks: gzip chunks are decompressed once
+                    step = max(dset.chunks[0], READ_ROWS // dset.chunks[0] * dset.chunks[0])
+                for start in range(0, n, step):
+                    stop = min(n, start + step)
+                    images[start:stop, v] = dset[start:stop]
+                    bar.update(stop - start)
+            bar.close()
+            key = "observations/joint"
+            joint = np.asarray(f[key][:], np.float32)
+            key = "actions"
+            actions = np.asarray(f[key][:], np.float32)
+            key = "rewards"
+            rewards = np.asarray(f[key][:], np.float32).reshape(-1)
+            key = "terminals"
+            terminals = np.asarray(f[key][:]).astype(bool)
+            key = "timeouts"
+            timeouts = np.asarray(f[key][:]).astype(bool) if summary.has_timeouts else np.zeros(n, bool)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise DatasetError(path, [f"{key}: cannot be read (truncated or corrupt file?): {exc}"]) from None
+    if not (terminals[-1] or timeouts[-1]):
+        timeouts[-1] = True
+    return OfflineDataset(str(path), images, joint, actions, rewards, terminals, timeouts,
+                          summary.attrs, list(summary.warnings))
+
+
+
+# --------------------------------------------------------------------------- writing
+class DatasetWriter:
+    """Write a dataset of known size in the file format above, block by block.
+
+    The file is written under a temporary name and renamed when complete, so an
+    interrupted write never leaves a half-written dataset at ``path``.
+    """
+
+    def __init__(self, path, n_rows, image_shape, joint_dim, action_dim, attrs=None, extra_int_keys=()):
+        self.path = str(path)
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, exist_ok=True)
+        self.tmp = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(self.path)}")
+        self.file = h5py.File(self.tmp, "w")
+        h, w = image_shape
+        obs = self.file.create_group("observations")
+        for view in IMAGE_KEYS:
+            obs.create_dataset(view, (n_rows, h, w, 3), np.uint8)
+        obs.create_dataset(JOINT_KEY, (n_rows, joint_dim), np.float32)
+        self.file.create_dataset("actions", (n_rows, action_dim), np.float32)
+        self.file.create_dataset("rewards", (n_rows,), np.float32)
+        self.file.create_dataset("terminals", (n_rows,), bool)
+        self.file.create_dataset("timeouts", (n_rows,), bool)
+        for key in extra_int_keys:
+            self.file.create_dataset(key, (n_rows,), np.uint8)
+        for k, v in (attrs or {}).items():
+            self.file.attrs[k] = v
+        self.n_rows, self.row = n_rows, 0
+
+    def write(self, block):
+        """Append a dict of arrays (keys as in the file, images by view name) of equal length."""
+        n = len(block["rewards"])
+        s = slice(self.row, self.row + n)
+        for key, value in block.items():
+            target = self.file[f"observations/{key}"] if key in IMAGE_KEYS + (JOINT_KEY,) else self.file[key]
+            target[s] = value
+        self.row += n
+
+    def close(self):
+        """Finish the file and move it into place."""
+        if self.row != self.n_rows:
+            raise RuntimeError(f"wrote {self.row} of {self.n_rows} rows")
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self):
+        try:
+            self.file.close()
+        finally:
+            if os.path.exists(self.tmp):
+                os.remove(self.tmp)
