@@ -1,7 +1,13 @@
 """Dataset tool: record a mixed-quality sample dataset, or validate your own HDF5 file.
 
     python create_dataset.py --create_sample --output sample_data.hdf5 --n_samples 5000
+    python create_dataset.py --list_variants
+    python create_dataset.py --create_sample --variant reach_wrong40 --output dev1.hdf5 --image_size 32
     python create_dataset.py --validate --hdf5_path your_data.hdf5
+
+A variant (--variant) is a named benchmark recording: task, reward, episode length and
+mix of operators. --task, --mix, --reward and --max_episode_steps given with it replace
+the variant's own; the file's attributes name the variant and its split (dev or test).
 """
 import argparse
 import sys
@@ -9,24 +15,38 @@ import sys
 from algos import simulator
 from algos.hdf5_format import format_validation_report, inspect_hdf5
 
+PLAIN_SAMPLE_MIX = "expert=0.333,wrong=0.333,noisy=0.334"   # without --variant or --mix
+
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--create_sample", action="store_true",
-                      help="record a mixed-quality dataset from the built-in dual-arm simulator")
+                      help="record a mixed-quality dataset from a built-in dual-arm simulator")
     mode.add_argument("--validate", action="store_true", help="check a dataset file and print its structure")
+    mode.add_argument("--list_variants", action="store_true",
+                      help="print the named benchmark variants (split, task, reward, length, mix) and exit")
     p.add_argument("--hdf5_path", help="file to validate")
     p.add_argument("--output", default="sample_data.hdf5", help="file to create (default: sample_data.hdf5)")
     p.add_argument("--n_samples", type=int, default=5000, help="transitions to record (default: 5000)")
     p.add_argument("--image_size", type=int, nargs="+", default=[84], metavar="N",
                    help="image size: N for N x N, or H W (default: 84)")
-    p.add_argument("--mix", default="expert=0.333,wrong=0.333,noisy=0.334",
-                   help="share of episodes per behaviour: expert (reaches the red box), wrong (a confident "
-                        "operator who reaches the blue box) and noisy (random play)")
-    p.add_argument("--max_episode_steps", type=int, default=50, help="time limit of an episode (default: 50)")
-    p.add_argument("--reward", choices=("dense", "sparse"), default="dense",
-                   help="dense: progress toward the handles + 1 on success; sparse: 1 on success only")
+    p.add_argument("--variant", choices=list(simulator.VARIANTS),
+                   help="record this named benchmark variant (see --list_variants)")
+    p.add_argument("--task", choices=sorted(simulator.SIMULATORS),
+                   help="simulator: dual_arm_reach (grasp the red box's handles; the default) or dual_arm_carry "
+                        "(carry the red box into the teal zone)")
+    p.add_argument("--mix", default=None,
+                   help="share of episodes per operator, e.g. expert=0.4,wrong=0.4,noisy=0.2. Operators: "
+                        + "; ".join(f"{k} ({v})" for k, v in simulator.OPERATOR_DESCRIPTIONS.items())
+                        + f". Default: the variant's, else {PLAIN_SAMPLE_MIX}")
+    p.add_argument("--max_episode_steps", type=int, default=None,
+                   help="time limit of an episode (default: the variant's, else the task's: "
+                        + ", ".join(f"{k} {v.default_max_steps}" for k, v in sorted(simulator.SIMULATORS.items()))
+                        + ")")
+    p.add_argument("--reward", choices=("dense", "sparse"), default=None,
+                   help="dense: progress toward done + 1 on success; sparse: 1 on success only "
+                        "(default: the variant's, else dense)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -34,6 +54,9 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.list_variants:
+        print("\n".join(simulator.variants_table()))
+        return 0
     if args.validate:
         if not args.hdf5_path:
             parser.error("--validate needs --hdf5_path FILE")
@@ -45,18 +68,30 @@ def main(argv=None):
         parser.error(f"--n_samples must be at least 2, got {args.n_samples}")
     if len(args.image_size) not in (1, 2) or min(args.image_size) < 8:
         parser.error("--image_size takes N or H W, each at least 8")
-    if args.max_episode_steps < 1:
+    if args.max_episode_steps is not None and args.max_episode_steps < 1:
         parser.error("--max_episode_steps must be positive")
     try:
-        mix = simulator.parse_mix(args.mix)
+        mix = simulator.parse_mix(args.mix) if args.mix is not None else None
     except ValueError as exc:
         parser.error(str(exc))
-    size = args.image_size * 2 if len(args.image_size) == 1 else args.image_size
-    info = simulator.create_sample_dataset(args.output, args.n_samples, tuple(size), mix, args.seed,
-                                           args.max_episode_steps, args.reward)
+    size = tuple(args.image_size * 2 if len(args.image_size) == 1 else args.image_size)
+    try:
+        if args.variant:
+            overrides = {k: v for k, v in (("simulator", args.task), ("mix", mix), ("reward", args.reward),
+                                           ("max_steps", args.max_episode_steps)) if v is not None}
+            info = simulator.create_variant_dataset(args.output, args.variant, args.n_samples, size, args.seed,
+                                                    **overrides)
+        else:
+            mix = mix or simulator.parse_mix(PLAIN_SAMPLE_MIX)
+            info = simulator.create_sample_dataset(args.output, args.n_samples, size, mix, args.seed,
+                                                   args.max_episode_steps, args.reward or "dense",
+                                                   task=args.task or simulator.DualArmReach.name)
+    except ValueError as exc:
+        parser.error(str(exc))
     per = ", ".join(f"{k}: {v}" for k, v in info["episodes_per_behaviour"].items())
+    variant = f", variant '{args.variant}' ({simulator.VARIANTS[args.variant]['split']})" if args.variant else ""
     print(f"✓ Wrote {args.output}: {args.n_samples} transitions, {info['episodes']} episodes ({per}), "
-          f"{size[0]}x{size[1]} images, simulator '{simulator.DualArmReach.name}'")
+          f"{size[0]}x{size[1]} images, simulator '{info['simulator']}'{variant}")
     return 0
 
 

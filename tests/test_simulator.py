@@ -2,6 +2,8 @@
 import csv
 import json
 import os
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -117,6 +119,194 @@ def test_mix_flag_sets_the_share_of_episodes(tmp_path):
     assert abs(counts["expert"] / info["episodes"] - 0.75) < 0.1
     with pytest.raises(ValueError, match="bad --mix entry"):
         simulator.parse_mix("expert=0.5,robot=0.5")
+
+
+def run_operator(env, behaviour, seed):
+    """One episode of a scripted operator; returns (steps, success, the env at the end)."""
+    env.reset(seed=seed)
+    op = env.reference_policy(behaviour, seed + 1)
+    steps, done = 0, False
+    while not done:
+        _, _, terminated, truncated, info = env.step(op(env))
+        steps += 1
+        done = terminated or truncated
+    return steps, info["success"], env
+
+
+def test_stop_short_operator_heads_for_the_right_box_and_never_succeeds():
+    reach = simulator.DualArmReach(image_size=16)
+    for seed in range(5):
+        _, success, env = run_operator(reach, "short", seed)
+        distances = env.handle_distances()
+        assert not success and np.all(distances > simulator.SUCCESS_RADIUS), seed
+        assert np.all(distances < 0.35), seed                       # close to the red box's handles...
+        assert np.all(env.handle_distances(env.distractor) > distances), seed   # ...not the blue one's
+    carry = simulator.DualArmCarry(image_size=16)
+    for seed in range(5):
+        _, success, env = run_operator(carry, "short", seed)
+        # carried toward the zone and set down short of it
+        assert not success and simulator.PLACE_RADIUS < env.box_to_zone() < 0.35, seed
+
+
+def test_hesitant_operator_is_slower_than_the_expert_or_runs_out_of_time():
+    for env in (simulator.DualArmReach(image_size=16), simulator.DualArmCarry(image_size=16)):
+        for seed in range(5):
+            expert_steps, expert_success, _ = run_operator(env, "expert", seed)
+            steps, success, _ = run_operator(env, "hesitant", seed)
+            assert expert_success and (not success or steps > expert_steps), (env.name, seed)
+    # it holds still now and then: some of its actions are the joints where they are
+    env = simulator.DualArmReach(image_size=16)
+    env.reset(seed=0)
+    op = env.reference_policy("hesitant", 1)
+    pauses = 0
+    for _ in range(50):
+        obs = env.observation()
+        action = op(env)
+        pauses += np.allclose(action, obs["joint"], atol=1e-6)
+        env.step(action)
+    assert pauses >= 3
+
+
+def test_carry_expert_places_the_red_box_and_the_wrong_operator_the_blue_one():
+    env = simulator.DualArmCarry(image_size=16)
+    successes = 0
+    for seed in range(5):
+        env.reset(seed=seed)
+        start = env.box_to_zone()
+        steps, success, env = run_operator(env, "expert", seed)
+        assert start >= env.min_zone_distance
+        successes += success
+        if success:
+            assert env.box_to_zone() < simulator.PLACE_RADIUS and np.all(env.gripper < simulator.GRIPPER_OPEN)
+    assert successes >= 4
+    for seed in range(5):
+        steps, success, env = run_operator(env, "wrong", seed)
+        assert not success and steps == env.max_steps, seed
+        # the same skill, confidently done on the wrong box
+        assert np.linalg.norm(env.distractor - env.zone) < simulator.PLACE_RADIUS, seed
+
+
+def test_carried_box_moves_only_while_both_grippers_hold_it():
+    env = simulator.DualArmCarry(image_size=16)
+    env.reset(seed=3)
+    op = env.reference_policy("expert", 4)
+    while env.held_box() != "goal":
+        env.step(op(env))
+    box, hands = env.goal.copy(), env.end_effectors.copy()
+    env.step(op(env))                                           # carrying: the box follows the grippers
+    assert np.allclose(env.goal - box, (env.end_effectors - hands).mean(0))
+    assert np.linalg.norm(env.goal - box) > 0.01
+    action = op(env)
+    action[15] = 0.0                                            # the right gripper lets go
+    box = env.goal.copy()
+    env.step(action)
+    assert env.held_box() is None and np.array_equal(env.goal, box)
+
+
+def test_carry_zone_is_visible_in_the_global_view_but_absent_from_the_joint_vector():
+    a = simulator.DualArmCarry(image_size=32)
+    b = simulator.DualArmCarry(image_size=32)
+    a.reset(seed=1)
+    b.reset(seed=1)
+    b.zone = -a.zone * np.array([1.0, 0.5])            # same robot, same boxes, the zone elsewhere
+    oa, ob = a.observation(), b.observation()
+    np.testing.assert_array_equal(oa["joint"], ob["joint"])
+    assert not np.array_equal(oa["global_image"], ob["global_image"])
+    col = int((a.zone[0] + 1) / 2 * 32)
+    row = int(32 - 1 - (a.zone[1] + 1) / 2 * 32)
+    r, g, bl = oa["global_image"][row, col].astype(int)
+    assert g > 150 and bl > 150 and r < 100               # teal
+
+
+def test_variants_split_into_dev_and_test_covering_every_axis():
+    dev, test = simulator.variant_names("dev"), simulator.variant_names("test")
+    assert len(simulator.VARIANTS) >= 6 and dev and test
+    assert not set(dev) & set(test) and set(dev) | set(test) == set(simulator.VARIANTS)
+
+    def axes(name):
+        spec = simulator.VARIANTS[name]
+        factory = simulator.SIMULATORS[spec["simulator"]]
+        config = dict(spec["config"])
+        return {"task": spec["simulator"], "reward": config.get("reward", "dense"),
+                "steps": config.get("max_steps", factory.default_max_steps),
+                "joint_speed": config.get("joint_speed", simulator.JOINT_SPEED), "mix": spec["mix"]}
+    for split in (dev, test):
+        assert {axes(n)["reward"] for n in split} == {"dense", "sparse"}
+        assert {axes(n)["task"] for n in split} == set(simulator.SIMULATORS)
+    for name, spec in simulator.VARIANTS.items():
+        assert spec["description"] and spec["split"] in simulator.SPLITS
+        assert spec["mix"].get("wrong", 0) + spec["mix"].get("short", 0) > 0, name   # a clearly bad operator
+        assert set(spec["mix"]) <= set(simulator.OPERATORS[spec["simulator"]]), name
+    for t in test:
+        assert all(axes(t) != axes(d) for d in dev), t
+    assert any(axes(n)["steps"] >= 100 for n in simulator.VARIANTS)
+
+
+@pytest.mark.parametrize("variant", list(simulator.VARIANTS))
+def test_every_variant_records_a_valid_file_that_names_it(tmp_path, variant):
+    spec = simulator.VARIANTS[variant]
+    path = tmp_path / f"{variant}.hdf5"
+    info = simulator.create_variant_dataset(path, variant, 200, 16, seed=2, progress=False)
+    summary = hdf5_format.inspect_hdf5(path)
+    assert summary.ok, summary.problems
+    attrs = summary.attrs
+    assert attrs["variant"] == variant and attrs["variant_split"] == spec["split"]
+    assert attrs["simulator"] == spec["simulator"] == info["simulator"]
+    config = json.loads(attrs["simulator_config"])
+    assert config["image_size"] == [16, 16] and config["reward"] == attrs["reward_type"]
+    assert {k: config[k] for k in spec["config"]} == spec["config"]
+    assert json.loads(attrs["behaviour_mix"]) == spec["mix"] and json.loads(attrs["variant_overrides"]) == {}
+    names = json.loads(attrs["behaviour_names"])
+    assert set(names) == set(spec["mix"])
+    with h5py.File(path) as f:
+        behaviour, rewards = f["behaviour"][:], f["rewards"][:]
+        terminals, timeouts = f["terminals"][:], f["timeouts"][:]
+    episodes = utils.episode_ranges(terminals, timeouts)
+    for start, stop in episodes:
+        assert len(set(behaviour[start:stop])) == 1
+        who = names[behaviour[start]]
+        if who in ("wrong", "short", "noisy"):
+            assert not terminals[start:stop].any(), (who, start)        # never succeeds
+        if who == "expert" and stop < len(rewards):
+            assert terminals[stop - 1], start                           # succeeds unless cut by the file's end
+    if attrs["reward_type"] == "sparse":
+        assert set(np.unique(rewards)) <= {0.0, 1.0}
+        np.testing.assert_array_equal(rewards == 1, terminals)       # 1 exactly at the success rows
+    if config["max_steps"] >= 100:
+        assert max(stop - start for start, stop in episodes) > 100
+
+
+def test_simulator_and_dataset_tool_import_without_torch():
+    code = "import sys, algos.simulator, create_dataset; assert 'torch' not in sys.modules, 'torch imported'"
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+
+
+def test_dataset_cli_lists_and_records_variants(tmp_path):
+    res = run_cli("create_dataset.py", "--list_variants")
+    assert res.returncode == 0, res.stderr
+    for name, spec in simulator.VARIANTS.items():
+        assert f"| {name} | {spec['split']} | {spec['simulator']} |" in res.stdout
+    out = tmp_path / "v.hdf5"
+    res = run_cli("create_dataset.py", "--create_sample", "--variant", "reach_sparse_short", "--output", out,
+                  "--n_samples", 120, "--image_size", 16, "--max_episode_steps", 30, "--task", "dual_arm_carry")
+    assert res.returncode == 0, res.stderr
+    assert "variant 'reach_sparse_short' (dev)" in res.stdout
+    attrs = hdf5_format.inspect_hdf5(out).attrs
+    assert attrs["variant"] == "reach_sparse_short" and attrs["variant_split"] == "dev"
+    assert attrs["simulator"] == "dual_arm_carry" and attrs["reward_type"] == "sparse"   # flags override the variant
+    assert json.loads(attrs["simulator_config"])["max_steps"] == 30
+    assert json.loads(attrs["variant_overrides"]) == {"simulator": "dual_arm_carry", "max_steps": 30}
+    plain = tmp_path / "p.hdf5"
+    res = run_cli("create_dataset.py", "--create_sample", "--task", "dual_arm_carry", "--output", plain,
+                  "--n_samples", 100, "--image_size", 16, "--mix", "expert=0.5,short=0.5")
+    assert res.returncode == 0, res.stderr
+    attrs = hdf5_format.inspect_hdf5(plain).attrs
+    assert attrs["simulator"] == "dual_arm_carry" and "variant" not in attrs
+    assert json.loads(attrs["simulator_config"])["max_steps"] == simulator.DualArmCarry.default_max_steps
+    assert json.loads(attrs["behaviour_names"]) == ["expert", "short"]
+    res = run_cli("create_dataset.py", "--create_sample", "--variant", "no_such_variant", "--output", plain)
+    assert res.returncode != 0 and "no_such_variant" in res.stderr
 
 
 def test_plug_in_simulator_by_import_path():
