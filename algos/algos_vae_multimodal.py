@@ -4,7 +4,7 @@ LAPO (Chen et al., NeurIPS 2022) learns an advantage-weighted CVAE of the behavi
 policy and a latent policy that picks, through the CVAE decoder, the mode of the data
 with the highest value. This file follows the original LAPO code (algos_vae.py there)
 on top of an observation encoder, with these departures, each a setting that can be
-turned back (README_MULTIMODAL.md has the measurements):
+turned back (docs/design.md says why, docs/experiments/ has the measurements):
   * target_Q is bounded below by the return the data observed to a terminal
     (``return_bound``, see ``_critic_targets``);
   * V(s) is an upper expectile of Q over the data's own actions, as in IQL
@@ -36,7 +36,6 @@ How the shared encoder is trained (the one place it is decided: ``_train_step``)
     observations: the least any correct design must do.
 """
 import copy
-import inspect
 import math
 import os
 import random
@@ -48,10 +47,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from algos import config as config_lib
+from algos.experiment import atomic_write
 from algos.hdf5_format import IMAGE_KEYS
 from algos.utils_multimodal import Normalization
 
-CHECKPOINT_FORMAT = 1
+# Version of the checkpoint layout; a checkpoint of another version is refused by name.
+# 2: the whole TrainConfig (data settings included) and the dataset's shapes.
+CHECKPOINT_FORMAT = 2
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LOSS_CHECK_EVERY = 100   # steps between host reads of the per-step loss record
@@ -71,8 +74,11 @@ class CheckpointWriteError(CheckpointError):
     """A checkpoint that could not be written (full disk, no permission); earlier ones are intact."""
 
 
-def default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def default_device(device="auto"):
+    """``device``, or with "auto" cuda when it is available, else cpu."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 def use_bf16(amp, device):
@@ -294,30 +300,21 @@ def restore_rng_state(state, replay_buffer=None):
 
 
 def atomic_torch_save(obj, path):
-    """Write to a hidden temporary file in the same folder, then rename.
-
-    The temporary name never starts with ``model_``, so a glob of ``model_*`` only ever
-    finds complete checkpoints, whenever the process is killed.
-    """
-    directory, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{name}")
+    """Write a checkpoint all at once or not at all (``experiment.atomic_write``): the
+    temporary name never starts with ``model_``, so a glob of ``model_*`` only ever finds
+    complete checkpoints, whenever the process is killed."""
     try:
-        with open(tmp, "wb") as f:
+        with atomic_write(path) as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:
         # a full disk surfaces from torch's zip writer as "unexpected pos ...": say so
+        directory = os.path.dirname(os.path.abspath(path))
         try:
             free = f"; {shutil.disk_usage(directory).free / 2**20:.0f} MiB free on its disk"
         except OSError:
             free = ""
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
         raise CheckpointWriteError(path, f"cannot write the checkpoint ({reason}{free})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def read_checkpoint(path, map_location="cpu"):
@@ -332,12 +329,28 @@ def read_checkpoint(path, map_location="cpu"):
     except Exception as exc:  # torch raises many types for a truncated/corrupt zip
         raise CheckpointError(path, f"checkpoint is truncated or corrupt ({type(exc).__name__}: "
                                     f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "config" not in ckpt:
+    if not isinstance(ckpt, dict) or "format" not in ckpt or "config" not in ckpt:
         raise CheckpointError(path, "not a Multimodal LAPO checkpoint")
-    agent_cls = AGENTS.get(ckpt.get("algo"))
-    if agent_cls is not None:   # a setting the checkpoint predates keeps the algorithm it was trained with
-        ckpt["config"] = {**agent_cls.settings_before_they_existed, **ckpt["config"]}
+    if ckpt["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(path, f"checkpoint format {ckpt['format']}, but this version reads format "
+                                    f"{CHECKPOINT_FORMAT} only (format 1 predates the stored run config); train "
+                                    "again, or load it with the version that wrote it")
+    ckpt["config"] = config_from_checkpoint(ckpt["config"], path)
     return ckpt
+
+
+def config_from_checkpoint(settings, path):
+    """The ``TrainConfig`` a checkpoint stores; settings this version does not know, or lacks,
+    are refused by name (a checkpoint of another version, or a modified one)."""
+    known = set(config_lib.field_names())
+    unknown, missing = sorted(set(settings) - known), sorted(known - set(settings))
+    if unknown or missing:
+        raise CheckpointError(path, f"checkpoint config does not match this version's settings (unknown: "
+                                    f"{unknown}, missing: {missing})")
+    try:
+        return config_lib.make_config(**settings)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(path, f"checkpoint config is invalid: {exc}") from None
 
 
 # ------------------------------------------------------------------------- agents
@@ -348,47 +361,55 @@ class MultimodalAgent:
     algo = None
     loss_names = ()
     needs_next_obs = True
-    # Settings added after checkpoints were first written, each with the value that gives
-    # the algorithm as it was before the setting existed: a run resumed from an older
-    # checkpoint goes on with the algorithm it started with, not with today's defaults.
-    settings_before_they_existed = {"encoder_lr_decay": 0.0}
 
-    def __init__(self, joint_dim=16, action_dim=16, image_shape=(84, 84), normalization=None,
-                 replay_buffer=None, device=None, obs_feature_dim=256, image_feature_dim=128,
-                 encoder_lr=3e-4, pretrained_weights=None, amp="off", channels_last=True, compile=False,
-                 discount=0.99, image_shift=0, encoder_lr_decay=0.5):
-        if not 0.0 <= float(encoder_lr_decay) <= 1.0:
-            raise ValueError(f"encoder_lr_decay must be in [0, 1], got {encoder_lr_decay!r}")
+    def __init__(self, config=None, joint_dim=16, action_dim=16, image_shape=(84, 84), normalization=None,
+                 replay_buffer=None, device=None, **settings):
+        """``config`` (a ``TrainConfig``; default: the defaults) with ``settings`` applied on
+        top by name (an unknown name is a TypeError); the dataset's widths, image size and
+        normalisation come from ``replay_buffer`` when given. ``device`` overrides the
+        config's."""
+        config = config_lib.replace(config or config_lib.TrainConfig(), **settings)
+        if config.algo != self.algo:
+            config = config_lib.replace(config, algo=self.algo)
         if replay_buffer is not None:
+            # the buffer's split, returns and action units are what this agent is trained on
+            clash = {k: (v, settings[k]) for k, v in replay_buffer.settings.items() if k in settings and settings[k] != v}
+            if clash:
+                raise ValueError("settings contradict the replay buffer's: " + ", ".join(
+                    f"{k}={mine!r} (buffer: {theirs!r})" for k, (theirs, mine) in clash.items()))
+            config = config_lib.replace(config, **replay_buffer.settings)
             joint_dim, action_dim = replay_buffer.joint_dim, replay_buffer.action_dim
             image_shape, normalization = replay_buffer.image_shape, replay_buffer.normalization
         if normalization is None:   # identity statistics: a model built without a dataset
+            discount = config.discount
             normalization = Normalization(np.zeros(joint_dim, np.float32), np.ones(joint_dim, np.float32),
                                           np.zeros(action_dim, np.float32), np.ones(action_dim, np.float32),
                                           1.0, -1.0 / (1 - discount), 1.0 / (1 - discount))
-        self.device = torch.device(device or default_device())
+        self.config = config
+        self.device = torch.device(device or default_device(config.device))
         self.replay_buffer = replay_buffer
         self.normalization = normalization
-        self.config = dict(joint_dim=int(joint_dim), action_dim=int(action_dim),
-                           image_shape=[int(image_shape[0]), int(image_shape[1])],
-                           obs_feature_dim=int(obs_feature_dim), image_feature_dim=int(image_feature_dim),
-                           encoder_lr=float(encoder_lr), discount=float(discount), image_shift=int(image_shift),
-                           encoder_lr_decay=float(encoder_lr_decay))
-        self.image_shift = int(image_shift)
-        self.encoder_lr, self.encoder_lr_decay = float(encoder_lr), float(encoder_lr_decay)
         self.joint_dim, self.action_dim = int(joint_dim), int(action_dim)
-        self.image_shape = tuple(self.config["image_shape"])
-        self.discount = float(discount)
+        self.image_shape = (int(image_shape[0]), int(image_shape[1]))
+        self.image_shift = config.image_shift
+        self.encoder_lr, self.encoder_lr_decay = config.encoder_lr, config.encoder_lr_decay
+        self.discount = config.discount
         self.min_v, self.max_v = normalization.min_v, normalization.max_v
-        self.amp = use_bf16(amp, self.device)
+        self.amp = use_bf16(config.amp, self.device)
         self.total_it = 0
+        obs_feature_dim, image_feature_dim = config.obs_feature_dim, config.image_feature_dim
 
-        self.encoder = ObservationEncoder(joint_dim, image_feature_dim, obs_feature_dim,
-                                          pretrained_weights=pretrained_weights).to(self.device)
-        if channels_last:
+        self.encoder = ObservationEncoder(self.joint_dim, image_feature_dim, obs_feature_dim,
+                                          pretrained_weights=config.pretrained_weights).to(self.device)
+        if config.channels_last:
             self.encoder.trunks.to(memory_format=torch.channels_last)
-        self.encoder_optimizer = torch.optim.Adam(self.encoder.parameters(), lr=encoder_lr)
-        self._encode = torch.compile(self.encoder) if compile else self.encoder
+        self.encoder_optimizer = torch.optim.Adam(self.encoder.parameters(), lr=config.encoder_lr)
+        self._encode = torch.compile(self.encoder) if config.compile else self.encoder
+
+    @property
+    def shapes(self):
+        """The dataset's sizes the networks are built for (stored in every checkpoint)."""
+        return {"joint_dim": self.joint_dim, "action_dim": self.action_dim, "image_shape": list(self.image_shape)}
 
     # ---- subclasses provide
     def _build_heads(self):
@@ -427,7 +448,7 @@ class MultimodalAgent:
         ``encoder_lr``, and over the last ``encoder_lr_decay`` of the run a half cosine down
         to 0. Why: the heads are fitted to features that keep moving until the last step; an
         encoder that comes to rest leaves them the end of the run to fit the features the
-        policy acts on (README_MULTIMODAL.md, "The encoder comes to rest")."""
+        policy acts on (docs/design.md)."""
         if not run_steps or self.encoder_lr_decay <= 0:
             return self.encoder_lr
         decay_start = run_steps * (1 - self.encoder_lr_decay)
@@ -546,7 +567,8 @@ class MultimodalAgent:
         return {
             "format": CHECKPOINT_FORMAT,
             "algo": self.algo,
-            "config": dict(self.config),
+            "config": config_lib.to_dict(self.config),
+            "shapes": self.shapes,
             "normalization": self.normalization.state_dict(),
             "networks": {name: m.state_dict() for name, m in self._modules().items()},
             "optimizers": {name: o.state_dict() for name, o in self._optimizers().items()},
@@ -580,15 +602,20 @@ class MultimodalAgent:
         ckpt = read_checkpoint(path, map_location=self.device)
         if ckpt["algo"] != self.algo:
             raise CheckpointError(path, f"checkpoint holds a '{ckpt['algo']}' agent, not '{self.algo}'")
-        self._apply_checkpoint(ckpt, path, restore_rng)
+        self.apply_checkpoint(ckpt, path, restore_rng)
         return ckpt.get("extra", {})
 
-    def _apply_checkpoint(self, ckpt, path, restore_rng):
+    def apply_checkpoint(self, ckpt, path, restore_rng=False):
+        """Take over a checkpoint read by ``read_checkpoint``: rebuild the networks for its
+        config and shapes if they differ, then load weights, optimisers, step count,
+        training state and (``restore_rng``) every random stream."""
         normalization = Normalization.from_state_dict(ckpt["normalization"])
-        if ckpt["config"] != self.config:
-            _check_config_keys(type(self), ckpt["config"], path)
+        trained = config_lib.trained_settings(ckpt["config"])
+        if trained != config_lib.trained_settings(self.config) or ckpt["shapes"] != self.shapes:
+            # this run's bookkeeping settings stay; what the networks are stays the checkpoint's
             buffer = self.replay_buffer
-            self.__init__(**ckpt["config"], normalization=normalization, device=self.device)
+            self.__init__(config_lib.replace(self.config, **trained), **ckpt["shapes"], normalization=normalization,
+                          device=self.device)
             self.replay_buffer = buffer
         self.normalization = normalization
         self.min_v, self.max_v = normalization.min_v, normalization.max_v
@@ -614,25 +641,12 @@ class MultimodalAgent:
         if cls is not MultimodalAgent and not issubclass(agent_cls, cls):
             raise CheckpointError(path, f"checkpoint holds a '{ckpt['algo']}' agent; "
                                         f"use {agent_cls.__name__}.from_checkpoint")
-        _check_config_keys(agent_cls, ckpt["config"], path)
-        agent = agent_cls(**ckpt["config"], normalization=Normalization.from_state_dict(ckpt["normalization"]),
-                          device=device)
+        agent = agent_cls(ckpt["config"], **ckpt["shapes"],
+                          normalization=Normalization.from_state_dict(ckpt["normalization"]), device=device)
         agent.replay_buffer = replay_buffer
         ckpt = read_checkpoint(path, map_location=agent.device) if agent.device.type != "cpu" else ckpt
-        agent._apply_checkpoint(ckpt, path, restore_rng=False)
+        agent.apply_checkpoint(ckpt, path, restore_rng=False)
         return agent
-
-
-def _check_config_keys(agent_cls, config, path):
-    """A checkpoint whose settings this version's agent does not take (written by a newer
-    or an experimental version) is refused by name, not with a TypeError from __init__."""
-    params = inspect.signature(agent_cls.__init__).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    unknown = sorted(set(config) - set(params))
-    if unknown:
-        raise CheckpointError(path, f"checkpoint config has settings this version does not know: {unknown} "
-                                    "(written by a newer or modified version?)")
 
 
 def checkpoint_path(filename, directory=None):
@@ -647,54 +661,30 @@ class MultimodalLatent(MultimodalAgent):
     """LAPO on the multimodal observation feature (see the module docstring)."""
 
     algo = "lapo"
-    settings_before_they_existed = {**MultimodalAgent.settings_before_they_existed,
-                                    "return_bound": False, "value_target": "policy", "weight_temperature": 0.0,
-                                    "episode_filter": False, "kept_batch_frac": 0.0, "polyak_acting": False,
-                                    "filter_margin": 1.0}
     loss_names = ("critic_loss", "vae_loss", "actor_loss", "recon_loss", "kl_loss",
                   "q_mean", "v_mean", "advantage_mean", "positive_advantage_frac", "imitated_episode_frac")
     needs_next_obs = True
 
-    def __init__(self, joint_dim=16, action_dim=16, image_shape=(84, 84), normalization=None,
-                 replay_buffer=None, device=None, obs_feature_dim=256, image_feature_dim=128,
-                 encoder_lr=3e-4, pretrained_weights=None, amp="off", channels_last=True, compile=False,
-                 discount=0.99, tau=0.005, vae_lr=2e-4, actor_lr=2e-4, critic_lr=1e-3, latent_dim=None,
-                 max_latent_action=0.5, expectile=0.99, kl_beta=1.0, no_noise=False, doubleq_min=1.0,
-                 encoder_losses="critic+vae", image_shift=0, return_bound=True, value_target="data",
-                 value_expectile=0.7, weight_temperature=0.05, episode_filter=True, kept_batch_frac=0.5,
-                 polyak_acting=True, encoder_lr_decay=0.5, filter_margin=0.0):
-        super().__init__(joint_dim, action_dim, image_shape, normalization, replay_buffer, device,
-                         obs_feature_dim, image_feature_dim, encoder_lr, pretrained_weights, amp,
-                         channels_last, compile, discount, image_shift, encoder_lr_decay)
-        latent_dim = int(latent_dim or 2 * self.action_dim)
-        self.config.update(tau=float(tau), vae_lr=float(vae_lr), actor_lr=float(actor_lr),
-                           critic_lr=float(critic_lr), latent_dim=latent_dim,
-                           max_latent_action=float(max_latent_action), expectile=float(expectile),
-                           kl_beta=float(kl_beta), no_noise=bool(no_noise), doubleq_min=float(doubleq_min),
-                           encoder_losses=encoder_losses, return_bound=bool(return_bound),
-                           value_target=value_target, value_expectile=float(value_expectile),
-                           weight_temperature=float(weight_temperature), episode_filter=bool(episode_filter),
-                           kept_batch_frac=float(kept_batch_frac), polyak_acting=bool(polyak_acting),
-                           filter_margin=float(filter_margin))
-        if not 0.0 <= float(kept_batch_frac) <= 1.0:
-            raise ValueError(f"kept_batch_frac must be in [0, 1], got {kept_batch_frac!r}")
-        if not float(filter_margin) >= 0.0:
-            raise ValueError(f"filter_margin must be >= 0, got {filter_margin!r}")
-        if value_target not in ("policy", "data"):
-            raise ValueError(f"value_target must be 'policy' or 'data', got {value_target!r}")
-        self.return_bound = bool(return_bound)
-        self.value_target, self.value_expectile = value_target, float(value_expectile)
-        self.weight_temperature = float(weight_temperature)
-        self.episode_filter = bool(episode_filter) and self.weight_temperature > 0
-        self.kept_batch_frac = float(kept_batch_frac)
-        self.filter_margin = float(filter_margin)
-        self.polyak_acting = bool(polyak_acting)
+    def __init__(self, config=None, joint_dim=16, action_dim=16, image_shape=(84, 84), normalization=None,
+                 replay_buffer=None, device=None, **settings):
+        super().__init__(config, joint_dim, action_dim, image_shape, normalization, replay_buffer, device, **settings)
+        c = self.config
+        latent_dim = int(c.latent_dim or 2 * self.action_dim)
+        max_latent_action, obs_feature_dim = c.max_latent_action, c.obs_feature_dim
+        self.return_bound = c.return_bound
+        self.value_target, self.value_expectile = c.value_target, c.value_expectile
+        self.weight_temperature = c.weight_temperature
+        self.episode_filter = c.episode_filter
+        self.kept_batch_frac = c.kept_batch_frac
+        self.filter_margin = c.filter_margin
+        self.polyak_acting = c.polyak_acting
         # A of each episode at its first row, NaN until judged (see _refresh_episode_advantage)
         self.episode_advantage = None
-        self.encoder_losses = encoder_losses
-        self.tau, self.expectile, self.kl_beta = float(tau), float(expectile), float(kl_beta)
-        self.no_noise, self.doubleq_min = bool(no_noise), float(doubleq_min)
-        self.max_latent_action = float(max_latent_action)
+        self.encoder_losses = c.encoder_losses
+        self.tau, self.expectile, self.kl_beta = c.tau, c.expectile, c.kl_beta
+        self.no_noise, self.doubleq_min = c.no_noise, c.doubleq_min
+        self.max_latent_action = max_latent_action
+        vae_lr, actor_lr, critic_lr = c.vae_lr, c.actor_lr, c.critic_lr
         f, a, dev = obs_feature_dim, self.action_dim, self.device
 
         self.actor_vae = ActorVAE(f, a, latent_dim, max_latent_action).to(dev)
@@ -731,7 +721,7 @@ class MultimodalLatent(MultimodalAgent):
         together (each over about 1 / tau steps). Why: the online policy's success moves by
         +-0.1 between checkpoints a few hundred steps apart while its losses stay flat;
         averaging every part keeps them in step, where averaging the encoder alone under
-        the online actor was a wash (README_MULTIMODAL.md, eighth and thirteenth rounds)."""
+        the online actor was a wash (docs/experiments/, eighth and thirteenth rounds)."""
         if not self.polyak_acting:
             return super()._act(images, joint)
         feature = self.encoder_target(images, joint)
@@ -802,7 +792,7 @@ class MultimodalLatent(MultimodalAgent):
         against its start's value) is above -``filter_margin`` x the temperature, by default
         above 0 (not yet judged, NaN: kept). Why no margin by default: a margin of one temperature kept the poor
         episodes whose judgement sits just below 0, 6% to 16% of the kept rows at the end of
-        a benchmark run (README_MULTIMODAL.md, fifteenth round); CRR's binary filter is A > 0."""
+        a benchmark run (docs/experiments/, fifteenth round); CRR's binary filter is A > 0."""
         threshold = -self.filter_margin * self.weight_temperature
         return torch.isnan(episode_advantage) | (episode_advantage > threshold)
 
@@ -960,17 +950,12 @@ class MultimodalBC(MultimodalAgent):
     needs_next_obs = False
     offline_criterion = ("test_action_mse", "min")
 
-    def __init__(self, joint_dim=16, action_dim=16, image_shape=(84, 84), normalization=None,
-                 replay_buffer=None, device=None, obs_feature_dim=256, image_feature_dim=128,
-                 encoder_lr=3e-4, pretrained_weights=None, amp="off", channels_last=True, compile=False,
-                 discount=0.99, vae_lr=2e-4, image_shift=0, encoder_lr_decay=0.5, **_unused_lapo_flags):
-        super().__init__(joint_dim, action_dim, image_shape, normalization, replay_buffer, device,
-                         obs_feature_dim, image_feature_dim, encoder_lr, pretrained_weights, amp,
-                         channels_last, compile, discount, image_shift, encoder_lr_decay)
+    def __init__(self, config=None, joint_dim=16, action_dim=16, image_shape=(84, 84), normalization=None,
+                 replay_buffer=None, device=None, **settings):
+        super().__init__(config, joint_dim, action_dim, image_shape, normalization, replay_buffer, device, **settings)
         # The policy head learns at the CVAE's rate: it is the component BC shares with LAPO.
-        self.config.update(vae_lr=float(vae_lr))
-        self.policy = mlp(obs_feature_dim, self.action_dim).to(self.device)
-        self.policy_optimizer = torch.optim.Adam(self.policy.parameters(), lr=vae_lr)
+        self.policy = mlp(self.config.obs_feature_dim, self.action_dim).to(self.device)
+        self.policy_optimizer = torch.optim.Adam(self.policy.parameters(), lr=self.config.vae_lr)
 
     def _modules(self):
         return {"encoder": self.encoder, "policy": self.policy}
@@ -999,8 +984,9 @@ class MultimodalBC(MultimodalAgent):
 AGENTS = {MultimodalLatent.algo: MultimodalLatent, MultimodalBC.algo: MultimodalBC}
 
 
-def make_agent(algo, **kwargs):
-    """Build the agent named by ``--algo`` ('lapo' or 'bc')."""
+def make_agent(config=None, **kwargs):
+    """Build the agent named by ``config.algo`` (or an ``algo=`` setting): 'lapo' or 'bc'."""
+    algo = kwargs.get("algo") or (config.algo if config is not None else config_lib.TrainConfig.algo)
     if algo not in AGENTS:
         raise ValueError(f"unknown algorithm {algo!r}; choose from {sorted(AGENTS)}")
-    return AGENTS[algo](**kwargs)
+    return AGENTS[algo](config, **kwargs)

@@ -22,6 +22,8 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+from algos.experiment import temporary_path
+
 # The three camera views, in the order every part of the project stacks them.
 IMAGE_KEYS = ("left_image", "right_image", "global_image")
 JOINT_KEY = "joint"
@@ -342,7 +344,7 @@ class DatasetWriter:
         self.path = str(path)
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
-        self.tmp = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(self.path)}")
+        self.tmp = temporary_path(self.path)
         self.file = h5py.File(self.tmp, "w")
         h, w = image_shape
         obs = self.file.create_group("observations")

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from algos import config as config_lib
+
 STD_FLOOR = 1e-3          # constant joints/actions must not blow up the normalisation
 
 
@@ -223,15 +225,28 @@ class Batch:
     episode: torch.Tensor = None           # [B] index of each row's episode in the file
 
 
+# The settings the buffer is built from: an agent trained on the buffer records these.
+BUFFER_SETTINGS = ("train_test_split", "seed", "discount", "n_step", "relative_actions")
+
+
 class MultimodalReplayBuffer:
     """The offline dataset split by episodes, normalised, and ready to sample on a device.
 
-    Storage stays uint8; ``storage_device`` is where the images live (the training
-    device when they fit there, else the CPU) and batches are moved to ``device``.
+    Built from a ``TrainConfig`` (default: the defaults) with ``settings`` applied by name:
+    ``train_test_split`` and ``seed`` choose the held-out episodes, ``discount`` and ``n_step``
+    the returns, ``relative_actions`` the action units. ``normalization`` given (a checkpoint's,
+    when training goes on from one) replaces the statistics of this file, so that the
+    networks keep the units they were trained in. Storage stays uint8; ``storage_device`` is
+    where the images live (the training device when they fit there, else the CPU) and
+    batches are moved to ``device``.
     """
 
-    def __init__(self, dataset, train_fraction=0.8, seed=0, discount=0.99, device="cpu",
-                 storage_device=None, max_test_rows=1024, relative_actions="auto", n_step=1):
+    def __init__(self, dataset, config=None, device="cpu", storage_device=None, normalization=None,
+                 max_test_rows=1024, **settings):
+        config = config_lib.replace(config or config_lib.TrainConfig(), **settings)
+        self.settings = {k: getattr(config, k) for k in BUFFER_SETTINGS}
+        train_fraction, seed, discount = config.train_test_split, config.seed, config.discount
+        relative_actions, n_step = config.relative_actions, config.n_step
         self.device = torch.device(device)
         self.storage_device = torch.device(storage_device) if storage_device is not None else torch.device("cpu")
         self.path = dataset.path
@@ -256,7 +271,7 @@ class MultimodalReplayBuffer:
         self.train_episode_ids, self.test_episode_ids = train_ids, test_ids
         self.episode_of_row = episode_of_row
 
-        self.normalization = Normalization.from_data(
+        self.normalization = normalization or Normalization.from_data(
             dataset.joint[in_train], dataset.actions[in_train], dataset.rewards, discount, relative_actions)
         norm = self.normalization
         dev = self.storage_device

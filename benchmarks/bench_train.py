@@ -93,7 +93,7 @@ def _high_water_rss_gb():
 def _training_memory(n_rows, image_size, batch_size, steps, amp, queue):
     """Child process: only what a training run holds (dataset, buffer, agent, a few steps)."""
     baseline = _high_water_rss_gb()   # interpreter + torch imports
-    buffer = utils.MultimodalReplayBuffer(synthetic_dataset(n_rows, image_size), 0.9, seed=0, device="cpu")
+    buffer = utils.MultimodalReplayBuffer(synthetic_dataset(n_rows, image_size), train_test_split=0.9, seed=0, device="cpu")
     agent = algos.MultimodalLatent(replay_buffer=buffer, device="cpu", amp=amp)
     agent.train(steps, batch_size)
     queue.put((baseline, buffer.nbytes_images / 2 ** 30, _high_water_rss_gb()))
@@ -129,7 +129,7 @@ def main(argv=None):
 
     dataset = synthetic_dataset(args.n_rows, args.image_size)
     storage = device if device.type == "cuda" else "cpu"
-    buffer = utils.MultimodalReplayBuffer(dataset, 0.9, seed=0, device=device, storage_device=storage)
+    buffer = utils.MultimodalReplayBuffer(dataset, train_test_split=0.9, seed=0, device=device, storage_device=storage)
     del dataset
     agent = algos.MultimodalLatent(replay_buffer=buffer, device=device, amp=args.amp, compile=args.compile)
     floor = Floor(agent, args.batch_size, args.image_size)

@@ -53,7 +53,7 @@ def finished_run(folder, algo, seed, max_timesteps, data):
     """Whether ``folder`` holds a run that finished with this algorithm, seed, budget and data."""
     try:
         with open(os.path.join(folder, "params.json")) as f:
-            flags = json.load(f)["flags"]
+            flags = json.load(f)["config"]
     except (OSError, ValueError, KeyError):
         return False
     same = (flags.get("algo") == algo and flags.get("seed") == seed and flags.get("max_timesteps") == max_timesteps
@@ -84,7 +84,7 @@ def main(argv=None):
     p.add_argument("--max_timesteps", type=int, default=3000, help="training budget of every run, in steps")
     p.add_argument("--eval_freq", type=int, default=500)
     # 200, not 50: one final model scored 0.87 on the first 50 fresh seeds and 0.70 on the
-    # next 150 (README_MULTIMODAL.md, thirteenth round); 200 take about a minute a model.
+    # next 150 (docs/experiments/2026-11-27.md, thirteenth round); 200 take about a minute a model.
     p.add_argument("--eval_episodes", type=int, default=200, help="fresh rollout seeds per model")
     p.add_argument("--jobs", type=int, default=2, help="training runs at a time")
     p.add_argument("--out", default=os.path.join(ROOT, "bench_out", "lapo_vs_bc"))

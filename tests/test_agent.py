@@ -1,4 +1,5 @@
 """The model and agent: inference, learning signals, checkpoints."""
+import copy
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ SMALL = dict(obs_feature_dim=32, image_feature_dim=16, device="cpu")
 
 
 def make_buffer(path, **kw):
-    return utils.MultimodalReplayBuffer(hdf5_format.load_dataset(path, progress=False), 0.8, seed=0, **kw)
+    return utils.MultimodalReplayBuffer(hdf5_format.load_dataset(path, progress=False), train_test_split=0.8, seed=0, **kw)
 
 
 @pytest.fixture
@@ -85,7 +86,7 @@ def test_loss_falls_on_a_fixed_tiny_dataset(tmp_path, algo, loss, ratio):
                          override={"observations/joint": joint, "actions": np.tanh(joint)})
     torch.manual_seed(0)
     lr = {"lapo": {"critic_lr": 1e-3}, "bc": {"vae_lr": 1e-3}}[algo]
-    agent = algos.make_agent(algo, replay_buffer=make_buffer(path), **lr, **SMALL)
+    agent = algos.make_agent(algo=algo, replay_buffer=make_buffer(path), **lr, **SMALL)
     first = agent.train(20, 16)[loss]
     agent.train(100, 16)
     last = agent.train(20, 16)[loss]
@@ -99,12 +100,24 @@ def test_encoder_gets_gradient_from_critic_and_cvae_but_not_actor(lapo):
     lapo._train_step(batch)
     moved = sum(not torch.equal(a, b) for a, b in zip(before, lapo.encoder.parameters()))
     assert moved > 0.9 * len(before)
-    # the actor's loss alone leaves no gradient in the encoder: it sees detached features
-    lapo.encoder.zero_grad(set_to_none=True)
-    feature = lapo.encoder(batch.images, batch.joint)
-    actor_loss = -lapo.critic.q1(feature.detach(), lapo._policy_action(feature.detach())).mean()
-    actor_loss.backward()
-    assert all(p.grad is None for p in lapo.encoder.parameters())
+    # The real update's gradient at the shared feature does not depend on the latent actor:
+    # scrambling the actor leaves it unchanged, so the actor's loss never reaches the encoder.
+    with torch.no_grad():
+        feature = lapo.encoder(batch.images, batch.joint)
+        next_feature = lapo.encoder(batch.next_images, batch.next_joint)
+    grads = []
+    for scramble in (False, True):
+        agent = copy.deepcopy(lapo)
+        if scramble:
+            with torch.no_grad():
+                for p in agent.actor.parameters():
+                    p.add_(torch.randn_like(p))
+        leaf = feature.clone().requires_grad_()
+        torch.manual_seed(0)
+        agent._update_heads(leaf, next_feature, batch)
+        grads.append(leaf.grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1])
 
 
 def test_save_load_in_a_new_process_gives_identical_actions(lapo, tmp_path):
@@ -175,23 +188,44 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path):
         algos.ObservationEncoder(16, 16, 32, pretrained_weights=str(bad))
 
 
-def test_a_checkpoint_older_than_a_setting_resumes_with_the_algorithm_it_was_trained_with(lapo, tmp_path):
-    """Resuming a run must not switch it to today's defaults half way."""
+def test_a_checkpoint_of_another_format_is_refused_by_name(lapo, tmp_path):
+    """No per-setting guesses for older checkpoints: one clear refusal naming the format."""
     lapo.train(2, 8)
     path = lapo.save("model_old", str(tmp_path))
     ckpt = torch.load(path, weights_only=True)
-    for key in algos.MultimodalLatent.settings_before_they_existed:
-        del ckpt["config"][key]
-    del ckpt["networks"]["encoder_target"]   # older checkpoints have no averaged encoder
+    ckpt["format"] = 1
     torch.save(ckpt, path)
-    resumed = algos.MultimodalLatent(**SMALL)
-    resumed.load(path)
-    settings = ("return_bound", "value_target", "weight_temperature", "kept_batch_frac", "polyak_acting",
-                "encoder_lr_decay", "filter_margin")
-    for agent in (algos.MultimodalAgent.from_checkpoint(path), resumed):
-        assert tuple(getattr(agent, k) for k in settings) == (False, "policy", 0.0, 0.0, False, 0.0, 1.0)
-    fresh = algos.MultimodalLatent(**SMALL)   # a new run gets today's defaults
-    assert tuple(getattr(fresh, k) for k in settings) == (True, "data", 0.05, 0.5, True, 0.5, 0.0)
+    for load in (lambda: algos.MultimodalAgent.from_checkpoint(path), lambda: algos.MultimodalLatent(**SMALL).load(path)):
+        with pytest.raises(algos.CheckpointError, match="checkpoint format 1.*reads format 2"):
+            load()
+
+
+def test_a_checkpoint_rebuilds_the_whole_config_it_was_trained_with(tiny_dataset, tmp_path):
+    """from_checkpoint and load need nothing but the file: every setting, data ones included."""
+    buffer = make_buffer(tiny_dataset, n_step=3, relative_actions="none", discount=0.9)
+    agent = algos.MultimodalLatent(replay_buffer=buffer, weight_temperature=0.2, tau=0.05, **SMALL)
+    assert (agent.config.n_step, agent.config.relative_actions, agent.config.discount) == (3, "none", 0.9)
+    path = agent.save("model_1", str(tmp_path))
+    for restored in (algos.MultimodalAgent.from_checkpoint(path), algos.MultimodalLatent(device="cpu")):
+        restored.load(path)
+        assert restored.config == agent.config
+        assert (restored.weight_temperature, restored.tau, restored.discount) == (0.2, 0.05, 0.9)
+
+
+def test_a_misspelt_setting_is_an_error_for_every_algorithm():
+    for algo in ("lapo", "bc"):
+        with pytest.raises(TypeError, match="weight_temprature"):
+            algos.make_agent(algo=algo, weight_temprature=0.1, **SMALL)
+
+
+def test_library_and_cli_share_one_default_for_every_setting():
+    """The buffer, the agent and the CLI all take their defaults from TrainConfig."""
+    from algos import config
+    import main_multimodal
+    args = vars(main_multimodal.build_parser().parse_args([]))
+    defaults = config.TrainConfig()
+    assert all(args[name] == getattr(defaults, name) for name in args)
+    assert algos.MultimodalLatent(**SMALL).config.n_step == defaults.n_step == args["n_step"] == 100
 
 
 @pytest.mark.parametrize("algo", ["lapo", "bc"])
@@ -199,7 +233,7 @@ def test_the_encoder_comes_to_rest_at_the_end_of_the_run_while_the_heads_still_l
     """encoder_lr for the first (1 - encoder_lr_decay) of the run, then a half cosine to 0;
     the heads keep their rates. Without a run length the rate stays constant."""
     torch.manual_seed(0)
-    agent = algos.make_agent(algo, replay_buffer=make_buffer(tiny_dataset), encoder_lr=1e-3,
+    agent = algos.make_agent(algo=algo, replay_buffer=make_buffer(tiny_dataset), encoder_lr=1e-3,
                              encoder_lr_decay=0.5, **SMALL)
     assert [agent.encoder_lr_at(step, 8) for step in (0, 4, 6, 8)] == pytest.approx([1e-3, 1e-3, 5e-4, 0.0])
     head_lrs = {name: opt.param_groups[0]["lr"] for name, opt in agent._optimizers().items() if name != "encoder"}
@@ -217,7 +251,7 @@ def test_the_encoder_comes_to_rest_at_the_end_of_the_run_while_the_heads_still_l
     agent.train(1, 8)   # no run length: the configured rate
     assert agent.encoder_optimizer.param_groups[0]["lr"] == 1e-3
     with pytest.raises(ValueError, match="encoder_lr_decay"):
-        algos.make_agent(algo, encoder_lr_decay=1.5, **SMALL)
+        algos.make_agent(algo=algo, encoder_lr_decay=1.5, **SMALL)
 
 
 def test_the_policy_acts_through_the_polyak_averages_of_all_its_parts(tiny_dataset):
@@ -243,7 +277,7 @@ def test_the_policy_acts_through_the_polyak_averages_of_all_its_parts(tiny_datas
     acted = lapo.select_action(*imgs, joint)
     np.testing.assert_allclose(acted, deployed(lapo, lapo.encoder_target, lapo.actor_target), rtol=1e-5, atol=1e-5)
     assert not np.allclose(acted, deployed(lapo, lapo.encoder, lapo.actor), atol=1e-3)
-    online = algos.MultimodalLatent(replay_buffer=make_buffer(tiny_dataset), polyak_acting=False, **SMALL)
+    online = algos.MultimodalLatent(replay_buffer=make_buffer(tiny_dataset), no_polyak_acting=True, **SMALL)
     online.train(1, 8)
     assert "encoder_target" not in online._modules()
     np.testing.assert_allclose(online.select_action(*imgs, joint), deployed(online, online.encoder, online.actor),

@@ -35,7 +35,7 @@ def test_short_run_writes_every_output_with_finite_losses(tmp_path, tiny_dataset
     # no simulator named in this file: no returns are reported, none are invented
     assert all(r["AverageReturn"] == "" for r in rows)
     params = json.loads((folder / "params.json").read_text())
-    assert params["flags"]["batch_size"] == 4 and params["dataset"]["rows"] == 60
+    assert params["config"]["batch_size"] == 4 and params["dataset"]["rows"] == 60
     assert params["best_model_criterion"]["metric"] == "test_good_action_mse"
     assert str(folder) in res.stdout
 
@@ -92,7 +92,7 @@ def test_non_16d_non_square_dataset_trains(tmp_path):
     res = train(tmp_path, data, "aloha", "--max_timesteps", 4, "--eval_freq", 2)
     assert res.returncode == 0, res.stderr
     ckpt = algos.read_checkpoint(tmp_path / "results" / "Expaloha" / "multimodal_robot" / "model_final.pth")
-    assert ckpt["config"]["joint_dim"] == 14 and ckpt["config"]["image_shape"] == [12, 20]
+    assert ckpt["shapes"]["joint_dim"] == 14 and ckpt["shapes"]["image_shape"] == [12, 20]
 
 
 def test_bc_baseline_trains_through_the_same_cli(tmp_path, tiny_dataset):

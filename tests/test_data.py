@@ -183,8 +183,8 @@ def test_n_step_transitions_match_their_definition_on_random_episodes():
 def test_n_step_buffer_bootstraps_from_k_rows_on(tmp_path):
     path = write_dataset(tmp_path / "d.hdf5", n_rows=40, episode_len=10)
     data = hdf5_format.load_dataset(path, progress=False)
-    one = utils.MultimodalReplayBuffer(data, 0.5, seed=0, discount=0.9)
-    three = utils.MultimodalReplayBuffer(data, 0.5, seed=0, discount=0.9, n_step=3)
+    one = utils.MultimodalReplayBuffer(data, train_test_split=0.5, seed=0, discount=0.9, n_step=1)
+    three = utils.MultimodalReplayBuffer(data, train_test_split=0.5, seed=0, discount=0.9, n_step=3)
     row = int(one.train_rows[0])   # the first row of an episode of 10: three rewards fit
     b1, b3 = one.gather(torch.tensor([row, row + 1, row + 2])), three.gather(torch.tensor([row]))
     assert (b3.next_images[0] == one.images[row + 3]).all()
@@ -206,7 +206,7 @@ def test_last_row_ending_no_episode_is_fixed_up_and_reported(tmp_path):
 
 def test_split_is_by_whole_episodes(tmp_path):
     path = write_dataset(tmp_path / "d.hdf5", n_rows=200, episode_len=10)
-    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(path, progress=False), 0.8, seed=3)
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(path, progress=False), train_test_split=0.8, seed=3)
     train_eps = set(buffer.episode_of_row[buffer.train_rows.numpy()])
     test_eps = set(buffer.episode_of_row[buffer.test_rows.numpy()])
     assert train_eps and test_eps and not train_eps & test_eps
@@ -216,7 +216,7 @@ def test_split_is_by_whole_episodes(tmp_path):
 
 def test_masked_share_of_a_batch_comes_only_from_the_masked_episodes(tmp_path):
     path = write_dataset(tmp_path / "d.hdf5", n_rows=200, episode_len=10)
-    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(path, progress=False), 0.8, seed=3)
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(path, progress=False), train_test_split=0.8, seed=3)
     train_eps = sorted(set(buffer.train_episode_ids.tolist()))
     mask = torch.zeros(buffer.n_episodes, dtype=torch.bool)
     mask[train_eps[:2]] = True
@@ -240,7 +240,7 @@ def test_fewer_episodes_than_the_split_needs(tmp_path):
 def test_normalisation_round_trips_and_uses_training_rows_only(tmp_path):
     path = write_dataset(tmp_path / "d.hdf5", n_rows=100)
     data = hdf5_format.load_dataset(path, progress=False)
-    buffer = utils.MultimodalReplayBuffer(data, 0.8, seed=0)
+    buffer = utils.MultimodalReplayBuffer(data, train_test_split=0.8, seed=0)
     norm = buffer.normalization
     train_rows = np.isin(buffer.episode_of_row, buffer.train_episode_ids)
     assert np.allclose(norm.joint_mean, data.joint[train_rows].mean(0), atol=1e-5)
@@ -252,7 +252,7 @@ def test_normalisation_round_trips_and_uses_training_rows_only(tmp_path):
 
 def test_reward_scaling_keeps_the_sign_of_negative_rewards(tmp_path):
     path = write_dataset(tmp_path / "d.hdf5", override={"rewards": -np.linspace(1, 4, 60).astype(np.float32)})
-    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(path, progress=False), 0.8, seed=0, discount=0.99)
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(path, progress=False), train_test_split=0.8, seed=0, discount=0.99, n_step=1)
     assert buffer.rewards.max() < 0 and buffer.rewards.min() >= -1
     assert buffer.normalization.min_v == pytest.approx(buffer.rewards.min().item() / 0.01, rel=1e-4)
     assert buffer.normalization.max_v == 0
@@ -262,7 +262,7 @@ def test_images_stay_uint8_and_batches_hold_next_observations(tmp_path):
     path = write_dataset(tmp_path / "d.hdf5", n_rows=40, episode_len=10)
     data = hdf5_format.load_dataset(path, progress=False)
     assert data.images.dtype == np.uint8 and data.images.shape == (40, 3, 16, 16, 3)
-    buffer = utils.MultimodalReplayBuffer(data, 0.5, seed=0)
+    buffer = utils.MultimodalReplayBuffer(data, train_test_split=0.5, seed=0)
     batch = buffer.sample(16)
     assert batch.images.dtype == batch.next_images.dtype == torch.uint8
     assert batch.images.shape == (16, 3, 16, 16, 3) and batch.joint.dtype == torch.float32
@@ -290,13 +290,13 @@ def test_joint_target_actions_are_learned_relative_to_the_joints(tmp_path):
     path = write_dataset(tmp_path / "d.hdf5", n_rows=100, joint_dim=4, action_dim=4,
                          override={"observations/joint": joint, "actions": actions})
     data = hdf5_format.load_dataset(path, progress=False)
-    auto = utils.MultimodalReplayBuffer(data, 0.8, seed=0).normalization
+    auto = utils.MultimodalReplayBuffer(data, train_test_split=0.8, seed=0).normalization
     assert auto.action_relative.tolist() == [1, 1, 1, 0]
     assert (auto.action_std[:3] < 0.1).all()
-    none = utils.MultimodalReplayBuffer(data, 0.8, seed=0, relative_actions="none").normalization
+    none = utils.MultimodalReplayBuffer(data, train_test_split=0.8, seed=0, relative_actions="none").normalization
     assert none.action_relative.tolist() == [0, 0, 0, 0]
     assert np.allclose(auto.unnormalize_action(auto.normalize_action(actions, joint), joint), actions, atol=1e-5)
     # widths that differ cannot be relative
     path2 = write_dataset(tmp_path / "e.hdf5", joint_dim=6, action_dim=4)
-    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(path2, progress=False), 0.8, seed=0)
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(path2, progress=False), train_test_split=0.8, seed=0)
     assert not buffer.normalization.action_relative.any()

@@ -1,6 +1,7 @@
 """Never lose a run: bad input, crashes, preemption and exact resume."""
 import csv
 import glob
+import json
 import os
 import shutil
 import signal
@@ -108,9 +109,9 @@ def test_fewer_episodes_than_the_split_needs(tmp_path, capsys):
     (["--value_expectile", "1"], "--value_expectile must be in (0, 1)"),
     (["--weight_temperature", "-0.1"], "--weight_temperature must be >= 0"),
     (["--filter_margin", "-1"], "--filter_margin must be >= 0"),
-    (["--max_timesteps", "0"], "--max_timesteps must be a positive integer"),
-    (["--max_timesteps", "-5"], "--max_timesteps must be a positive integer"),
-    (["--eval_freq", "0"], "--eval_freq must be a positive integer"),
+    (["--max_timesteps", "0"], "--max_timesteps must be > 0"),
+    (["--max_timesteps", "-5"], "--max_timesteps must be > 0"),
+    (["--eval_freq", "0"], "--eval_freq must be > 0"),
     (["--train_test_split", "1.5"], "--train_test_split must be in (0, 1)"),
     (["--batch_size", "5000"], "--batch_size 5000 is larger than the training split"),
     (["--load_model", "777"], "no checkpoint model_777.pth"),
@@ -140,7 +141,7 @@ def test_resuming_with_a_dataset_of_another_width(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- atomic outputs
 def test_a_failed_save_leaves_no_model_file(tmp_path, monkeypatch, tiny_dataset):
-    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), train_test_split=0.8, seed=0)
     agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu")
 
     def dying_save(obj, f):
@@ -303,7 +304,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_
 
 
 def test_value_targets_are_clamped(tiny_dataset):
-    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), train_test_split=0.8, seed=0)
     agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu")
     with torch.no_grad():
         # target_Q bootstraps from the current critic's V, target_V from the target critic's Q
@@ -317,9 +318,9 @@ def test_value_targets_are_clamped(tiny_dataset):
 
 @pytest.mark.parametrize("return_bound", [True, False])
 def test_observed_return_bounds_the_q_target_from_below(tiny_dataset, return_bound):
-    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), train_test_split=0.8, seed=0)
     agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu",
-                                   return_bound=return_bound)
+                                   no_return_bound=not return_bound)
     with torch.no_grad():
         agent.critic.v_net[-1].weight.zero_()
         agent.critic.v_net[-1].bias.fill_(0.0)   # V(s') = 0: the one-step target is r
@@ -345,7 +346,7 @@ def test_two_exp_ids_never_share_files(tmp_path, tiny_dataset):
 def test_value_over_the_data_is_the_expectile_of_its_q(tiny_dataset):
     """value_target="data": V(s) is fitted to Q_target at the data's own action by the
     expectile loss, so with targets 0 and 1 equally often it settles at the expectile."""
-    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), train_test_split=0.8, seed=0)
     agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu",
                                    value_target="data", value_expectile=0.8)
     agent.critic_target = lambda feature, action: (action[:, :1], action[:, :1] + 1)   # Q_t(s, a) = a[0]
@@ -367,7 +368,7 @@ def test_episode_filter_drops_episodes_that_fall_short_and_lifts_the_rest(tiny_d
     """exp(max(A, A_episode) / T) clipped, 0 on every row of an episode whose A_episode is
     below 0 (by default) or below -filter_margin x T, and the plain exp(A / T) where the
     episode has not been judged yet (NaN)."""
-    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), train_test_split=0.8, seed=0)
     advantage = torch.tensor([[0.05], [0.05], [-0.3], [0.2], [-2.0], [0.1]])
     episode_advantage = torch.tensor([[float("nan")], [-0.15], [0.1], [-0.05], [1.0], [-0.01]])
     lifted = [float(np.exp(0.5)), float(np.exp(0.5)), float(np.exp(1.0)), float(np.exp(2.0)), algos.MAX_ADVANTAGE_WEIGHT,
@@ -385,7 +386,7 @@ def test_episode_filter_drops_episodes_that_fall_short_and_lifts_the_rest(tiny_d
 
 
 def test_every_training_episode_is_judged_at_its_first_row(tiny_dataset):
-    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), 0.8, seed=0, n_step=100)
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), train_test_split=0.8, seed=0, n_step=100)
     first_rows = buffer.train_episode_first_rows
     episodes = buffer.episode_index[first_rows]
     assert sorted(episodes.tolist()) == sorted(buffer.train_episode_ids.tolist())
@@ -410,7 +411,7 @@ def test_every_training_episode_is_judged_at_its_first_row(tiny_dataset):
 
 
 def test_half_of_each_batch_comes_from_the_episodes_the_filter_keeps(tiny_dataset):
-    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), train_test_split=0.8, seed=0)
     agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu")
     assert agent.kept_batch_frac == 0.5
     train_eps = sorted(buffer.train_episode_ids.tolist())
@@ -424,7 +425,7 @@ def test_half_of_each_batch_comes_from_the_episodes_the_filter_keeps(tiny_datase
 
 
 def test_advantage_weights_exponential_or_two_valued(tiny_dataset):
-    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), 0.8, seed=0)
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), train_test_split=0.8, seed=0)
     advantage = torch.tensor([[-1.0], [0.0], [0.05], [1.0]])
     two_valued = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16,
                                         device="cpu", expectile=0.9, weight_temperature=0)
@@ -433,3 +434,87 @@ def test_advantage_weights_exponential_or_two_valued(tiny_dataset):
                                          device="cpu", weight_temperature=0.1)
     expected = [float(np.exp(-10)), 1.0, float(np.exp(0.5)), algos.MAX_ADVANTAGE_WEIGHT]
     assert exponential._advantage_weight(advantage).squeeze(1).tolist() == pytest.approx(expected)
+
+
+# --------------------------------------------------------------------------- run bookkeeping
+def test_resume_command_names_an_automatically_assigned_expid():
+    from algos import experiment
+    cmd = experiment.resume_command(["--hdf5_path", "d.hdf5", "--overwrite"], "0007")
+    assert "--ExpID 0007" in cmd and cmd.endswith("--resume") and "--overwrite" not in cmd
+    given = experiment.resume_command(["--ExpID", "mine", "--load_model", "3"], "mine")
+    assert given.count("--ExpID") == 1 and "--load_model" not in given
+
+
+def test_resume_takes_the_checkpoint_settings_and_refuses_contradicting_flags(tmp_path, tiny_dataset, capsys):
+    assert train_in_process(tmp_path, tiny_dataset, "--image_shift", "2", "--kl_beta", "0.5", "--n_step", "3",
+                            exp="r") == 0
+    capsys.readouterr()
+    code = train_in_process(tmp_path, tiny_dataset, "--max_timesteps", "4", "--resume", "--kl_beta", "0.7",
+                            exp="r")
+    err = capsys.readouterr().err
+    assert code == main_multimodal.EXIT_BAD_INPUT and "--kl_beta 0.7 given" in err and "trained with 0.5" in err, err
+    # flags left out take the checkpoint's values, not the defaults
+    assert main_multimodal.main(["--hdf5_path", str(tiny_dataset), "--log_dir", str(tmp_path / "results"),
+                                 "--ExpID", "r", "--device", "cpu", "--batch_size", "4", "--eval_episodes", "0",
+                                 "--max_timesteps", "4", "--eval_freq", "2", "--resume"]) == 0
+    params = json.loads((tmp_path / "results" / "Expr" / "multimodal_robot" / "params.json").read_text())
+    config = params["config"]
+    assert (config["image_shift"], config["kl_beta"], config["n_step"], config["obs_feature_dim"]) == (2, 0.5, 3, 32)
+    ckpt = algos.read_checkpoint(tmp_path / "results" / "Expr" / "multimodal_robot" / "model_final.pth")
+    assert ckpt["config"].n_step == 3 and ckpt["total_it"] == 4
+
+
+def test_load_model_from_another_experiment_starts_its_own_best_record(tmp_path, tiny_dataset, capsys):
+    """Another experiment's best (judged on its own rows, maybe by another metric) is not
+    carried over: the new folder writes its own model_best."""
+    assert train_in_process(tmp_path, tiny_dataset, "--save_freq", "2", exp="a") == 0
+    path = tmp_path / "results" / "Expa" / "multimodal_robot" / "model_2.pth"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["extra"]["best"] = {"value": -1.0, "step": 2, "metric": "test_good_action_mse"}   # unbeatable
+    torch.save(ckpt, path)
+    assert train_in_process(tmp_path, tiny_dataset, "--max_timesteps", "4", "--load_model", "a:2", exp="b") == 0
+    assert (tmp_path / "results" / "Expb" / "multimodal_robot" / "model_best.pth").exists()
+
+
+def test_load_model_on_another_file_trains_in_the_checkpoint_units(tmp_path, tiny_dataset):
+    """The buffer normalises with the checkpoint's statistics, the ones the agent acts with."""
+    assert train_in_process(tmp_path, tiny_dataset, "--save_freq", "2", exp="u") == 0
+    shifted = write_dataset(tmp_path / "shifted.hdf5", override={"actions": np.full((60, 16), 10.0, np.float32)})
+    path = tmp_path / "results" / "Expu" / "multimodal_robot" / "model_2.pth"
+    ckpt = algos.read_checkpoint(path)
+    config = main_multimodal.config_lib.replace(ckpt["config"], hdf5_path=str(shifted))
+    buffer = main_multimodal.make_buffer(config, torch.device("cpu"), ckpt, path)
+    expected = utils.Normalization.from_state_dict(ckpt["normalization"])
+    np.testing.assert_array_equal(buffer.normalization.action_mean, expected.action_mean)
+    assert buffer.actions.mean() > 5   # 10 in the checkpoint's units, not 0 in the file's own
+
+
+def test_a_run_in_process_restores_the_signal_handlers(tmp_path, tiny_dataset):
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    assert train_in_process(tmp_path, tiny_dataset, exp="s") == 0
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_progress_log_keeps_columns_that_first_appear_later(tmp_path):
+    from algos import experiment
+    log = experiment.ProgressLog(str(tmp_path / "progress.csv"))
+    log.write({"steps": 1, "loss": 0.5})
+    log.write({"steps": 2, "loss": 0.4, "NormalizedScore": 0.9})
+    again = experiment.ProgressLog(str(tmp_path / "progress.csv"))   # as a resumed run opens it
+    again.write({"steps": 3, "loss": 0.3, "SuccessRate": 1.0})
+    with open(tmp_path / "progress.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["steps"] for r in rows] == ["1", "2", "3"]
+    assert (rows[0]["NormalizedScore"], rows[1]["NormalizedScore"], rows[2]["SuccessRate"]) == ("", "0.9", "1")
+
+
+def test_latest_checkpoint_reads_the_step_without_loading_the_weights(tmp_path, tiny_dataset, monkeypatch):
+    from algos import experiment
+    assert train_in_process(tmp_path, tiny_dataset, "--max_timesteps", "3", "--save_freq", "2", exp="l") == 0
+    folder = str(tmp_path / "results" / "Expl" / "multimodal_robot")
+    assert experiment.stored_step(os.path.join(folder, "model_final.pth")) == 3
+
+    def no_torch_load(*args, **kwargs):
+        raise AssertionError("latest_checkpoint must not torch.load a checkpoint")
+    monkeypatch.setattr(torch, "load", no_torch_load)
+    assert experiment.latest_checkpoint(folder) == os.path.join(folder, "model_final.pth")

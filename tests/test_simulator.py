@@ -348,7 +348,7 @@ def test_short_lapo_run_improves_over_its_untrained_self(tmp_path):
     simulator.create_sample_dataset(path, n_samples=3000, image_size=(16, 16), seed=3,
                                     mix={"expert": 0.8, "noisy": 0.2}, progress=False)
     torch.manual_seed(0)
-    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(path, progress=False), 0.9, seed=0)
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(path, progress=False), train_test_split=0.9, seed=0)
     agent = algos.MultimodalLatent(replay_buffer=buffer, device="cpu")
     seeds = list(range(100, 110))
     envs = [simulator.DualArmReach(image_size=16) for _ in seeds]

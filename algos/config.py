@@ -1,0 +1,248 @@
+"""Every setting of a training run, with its default, in one place.
+
+``TrainConfig`` is the only place a default lives: ``main_multimodal.py`` generates its
+flags from it, the agents read their settings from it, and every checkpoint stores it
+whole, so that ``from_checkpoint`` and ``--resume`` rebuild exactly what was trained.
+Ranges are checked in ``problems``. numpy-free and torch-free, so that any tool can read it.
+
+Fields are grouped by what they change:
+  data       what is trained on (file, split, n-step returns, action units)
+  model      the observation encoder
+  algorithm  LAPO's (and the BC baseline's) learning rule
+  run        bookkeeping that does not change what a step computes (folders, budget,
+             evaluation, device); free to change when a run is resumed
+"""
+import argparse
+import dataclasses
+import re
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+ALGOS = ("lapo", "bc")
+
+# The built-in default run (no --hdf5_path): a small sample recorded once, a short run.
+DEMO_DATASET = {"hdf5_path": "results/sample_data.hdf5", "n_samples": 4000, "image_size": 32}
+# Run lengths when a flag is left unset: on your own data / on the built-in default.
+RUN_LENGTHS = {"max_timesteps": (50000, 1000), "eval_freq": (1000, 250), "save_freq": (5000, 500)}
+
+
+def setting(default, help, group, choices=None, flag=True, positive=False, unit_interval=None, metavar=None):
+    """A config field with what the CLI and the range check need to know about it."""
+    return field(default=default, metadata=dict(help=help, group=group, choices=choices, flag=flag,
+                                                positive=positive, unit_interval=unit_interval, metavar=metavar))
+
+
+@dataclass
+class TrainConfig:
+    # ---- data: what is trained on
+    hdf5_path: Optional[str] = setting(None, "dataset file (default: the built-in sample, recorded if absent)", "data")
+    train_test_split: float = setting(0.8, "share of whole episodes used for training; the rest is held out",
+                                      "data", unit_interval="()")
+    n_step: int = setting(100, "rewards summed along the recorded episode before bootstrapping, in the critic "
+                               "targets and the advantage (100: the Monte-Carlo return of episodes up to 100 "
+                               "steps; 1: the original one-step backup)", "data", positive=True)
+    relative_actions: str = setting("auto", "learn joint-target action dims as the change from the current "
+                                            "joint (auto: where the data says so)", "data",
+                                    choices=("auto", "all", "none"))
+    image_shift: int = setting(0, "random-shift augmentation of training images, in pixels", "data")
+
+    # ---- model: the observation encoder
+    obs_feature_dim: int = setting(256, "fused observation feature size", "model", positive=True)
+    image_feature_dim: int = setting(128, "feature size of each ResNet18 trunk", "model", positive=True)
+    pretrained_weights: Optional[str] = setting(None, "local torchvision ResNet18 ImageNet state dict for the "
+                                                      "image trunks (default: random init)", "model",
+                                                metavar="PATH")
+    encoder_lr: float = setting(3e-4, "image/joint encoder learning rate", "model", positive=True)
+    encoder_lr_decay: float = setting(0.5, "share of the run, at its end, over which the encoder's learning rate "
+                                           "falls to 0 along a half cosine, so the heads end the run fitted to "
+                                           "the features the policy acts on; 0: constant", "model",
+                                      unit_interval="[]")
+    encoder_losses: str = setting("critic+vae", "losses whose gradients train the shared encoder", "model",
+                                  choices=("critic", "critic+vae"))
+    amp: str = setting("off", "bfloat16 autocast of the encoder. off: float32; auto: bf16 on CUDA only (the CPU "
+                              "stays float32, so resume is bit-exact); bf16: also on CPUs with native bf16",
+                       "model", choices=("off", "auto", "bf16"))
+    compile: bool = setting(False, "torch.compile the encoder", "model")
+    channels_last: bool = setting(True, "channels-last memory layout of the image trunks (faster convolutions)",
+                                  "model", flag=False)
+
+    # ---- algorithm
+    algo: str = setting("lapo", "lapo, or bc for the behaviour-cloning baseline", "algorithm", choices=ALGOS)
+    discount: float = setting(0.99, "discount factor gamma", "algorithm", unit_interval="(]")
+    tau: float = setting(0.005, "soft target update rate (also the rate of the averages the policy acts "
+                                "through)", "algorithm", unit_interval="(]")
+    batch_size: int = setting(64, "transitions per gradient step", "algorithm", positive=True)
+    vae_lr: float = setting(2e-4, "CVAE learning rate (also the BC head's)", "algorithm", positive=True)
+    actor_lr: float = setting(2e-4, "latent actor learning rate", "algorithm", positive=True)
+    critic_lr: float = setting(1e-3, "critic (Q1, Q2, V) learning rate", "algorithm", positive=True)
+    kl_beta: float = setting(1.0, "KL weight of the CVAE loss", "algorithm")
+    latent_dim: Optional[int] = setting(None, "CVAE latent size (default: 2 x the action width)", "algorithm",
+                                        positive=True)
+    max_latent_action: float = setting(0.5, "bound of the latent policy (tanh x this)", "algorithm",
+                                       positive=True)
+    doubleq_min: float = setting(1.0, "weight of min(Q1, Q2) in the V target (the rest on max)", "algorithm",
+                                 unit_interval="[]")
+    no_noise: bool = setting(False, "no clipped noise on the target latent action (with --value_target policy)",
+                             "algorithm")
+    no_return_bound: bool = setting(False, "critic targets without the observed return to a terminal as their "
+                                           "lower bound", "algorithm")
+    value_target: str = setting("data", "what V(s) is fitted to: data = an upper expectile of Q_target at the "
+                                        "data's own actions (IQL's); policy = Q_target at the latent policy's "
+                                        "action (the original LAPO's)", "algorithm", choices=("data", "policy"))
+    value_expectile: float = setting(0.7, "expectile of the data's Q that V fits with --value_target data",
+                                     "algorithm", unit_interval="()")
+    weight_temperature: float = setting(0.05, "CVAE weights exp(A / this), clipped at 100, in units of the "
+                                              "largest one-step reward; 0: the original LAPO's two weights, "
+                                              "--expectile and 1 - it", "algorithm")
+    expectile: float = setting(0.99, "with --weight_temperature 0: CVAE weight of positive-advantage samples "
+                                     "(the others get 1 - this)", "algorithm", unit_interval="()")
+    no_episode_filter: bool = setting(False, "imitate every episode; by default the CVAE skips the episodes "
+                                             "whose return falls short of the value of their start", "algorithm")
+    filter_margin: float = setting(0.0, "how far an episode's return may fall short of its start's value and "
+                                        "still be imitated, in units of --weight_temperature", "algorithm")
+    kept_batch_frac: float = setting(0.5, "with the episode filter, the share of each batch drawn from the "
+                                          "episodes it keeps (the rest uniform over the training rows)",
+                                     "algorithm", unit_interval="[]")
+    no_polyak_acting: bool = setting(False, "act through the online encoder and latent actor instead of their "
+                                            "Polyak averages (rate --tau)", "algorithm")
+
+    # ---- run: bookkeeping, free to change on resume
+    seed: int = setting(0, "seed of the weights, the batches and the train/test split of episodes", "run")
+    device: str = setting("auto", "cuda, cuda:N or cpu (auto: cuda if available)", "run")
+    ExpID: Optional[str] = setting(None, "experiment id (default: the next free number, e.g. 0001)", "run")
+    log_dir: str = setting("results/", "where experiment folders go", "run")
+    max_timesteps: Optional[int] = setting(None, "training steps (default: 50000; built-in default: 1000)", "run",
+                                           positive=True)
+    eval_freq: Optional[int] = setting(None, "steps between evaluations (default: 1000; built-in default: 250)",
+                                       "run", positive=True)
+    save_freq: Optional[int] = setting(None, "steps between model_{step}.pth checkpoints (default: 5000; "
+                                             "built-in default: 500)", "run", positive=True)
+    eval_episodes: int = setting(10, "simulator rollouts per evaluation, on fixed seeds", "run")
+    simulator: Optional[str] = setting(None, "simulator for rollout evaluation: a registered name or "
+                                             "package.module:Class (default: the one named in the dataset's "
+                                             "attributes; 'none' to disable)", "run")
+    data_on_device: str = setting("auto", "CUDA: keep the uint8 dataset in GPU memory (auto: when it fits)", "run",
+                                  choices=("auto", "yes", "no"))
+    load_model: Optional[str] = setting(None, "start from a checkpoint: a step of this experiment (or of the one "
+                                              "experiment that has it), EXPID:STEP, or a checkpoint path", "run",
+                                        metavar="STEP|PATH")
+    resume: bool = setting(False, "continue the latest checkpoint of --ExpID", "run")
+    overwrite: bool = setting(False, "replace an existing experiment folder", "run")
+
+    @property
+    def return_bound(self):
+        return not self.no_return_bound
+
+    @property
+    def episode_filter(self):
+        """The filter works on the exponential weights' scale, so it needs a temperature."""
+        return not self.no_episode_filter and self.weight_temperature > 0
+
+    @property
+    def polyak_acting(self):
+        return not self.no_polyak_acting
+
+
+GROUPS = {"data": "data (what is trained on)", "model": "model (the observation encoder)",
+          "algorithm": "algorithm", "run": "run (bookkeeping; free to change on --resume)"}
+# Settings that change what a training step computes. A resumed run must keep them: a flag
+# that contradicts its checkpoint is an error. --load_model may start on another file.
+TRAINED_GROUPS = ("data", "model", "algorithm")
+SEED_FIELDS = ("seed",)   # the split of episodes depends on it: fixed on resume as well
+
+
+def field_names():
+    return [f.name for f in fields(TrainConfig)]
+
+
+def trained_settings(config):
+    """{name: value} of the settings a resumed run must keep."""
+    return {f.name: getattr(config, f.name) for f in fields(TrainConfig)
+            if f.metadata["group"] in TRAINED_GROUPS or f.name in SEED_FIELDS}
+
+
+def build_parser(description=None):
+    """The CLI's flags, one per config field (those with flag=True), grouped as in the config."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups = {name: p.add_argument_group(title) for name, title in GROUPS.items()}
+    for f in fields(TrainConfig):
+        meta = f.metadata
+        if not meta["flag"]:
+            continue
+        g = groups[meta["group"]]
+        default_text = "" if f.default is None or isinstance(f.default, bool) else f" (default: {f.default})"
+        if f.type is bool:
+            g.add_argument(f"--{f.name}", action="store_true", default=f.default, help=meta["help"])
+            continue
+        kind = {int: int, float: float}.get(_base_type(f), str)
+        g.add_argument(f"--{f.name}", type=kind, default=f.default, choices=meta["choices"], metavar=meta["metavar"],
+                       help=meta["help"] + ("" if "default" in meta["help"] else default_text))
+    return p
+
+
+def _base_type(f):
+    """int for ``int`` and ``Optional[int]``, and so on."""
+    args = getattr(f.type, "__args__", None)
+    return args[0] if args else f.type
+
+
+def explicit_flags(argv, description=None):
+    """Names of the settings the command line gives explicitly (as opposed to defaults)."""
+    p = build_parser(description)
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
+def problems(config):
+    """Every out-of-range setting, as messages naming the flag."""
+    out = []
+    for f in fields(TrainConfig):
+        value, meta = getattr(config, f.name), f.metadata
+        if value is None:
+            continue
+        if meta["positive"] and not value > 0:
+            out.append(f"--{f.name} must be > 0, got {value}")
+        interval = meta["unit_interval"]
+        if interval:
+            lo_ok = value >= 0 if interval[0] == "[" else value > 0
+            hi_ok = value <= 1 if interval[1] == "]" else value < 1
+            if not (lo_ok and hi_ok):
+                out.append(f"--{f.name} must be in {interval[0]}0, 1{interval[1]}, got {value}")
+        if meta["choices"] and value not in meta["choices"]:
+            out.append(f"--{f.name} must be one of {', '.join(meta['choices'])}, got {value!r}")
+    for name in ("weight_temperature", "filter_margin", "kl_beta", "eval_episodes", "image_shift"):
+        if getattr(config, name) < 0:
+            out.append(f"--{name} must be >= 0, got {getattr(config, name)}")
+    if config.resume and config.load_model:
+        out.append("--resume and --load_model are exclusive")
+    if config.overwrite and (config.resume or config.load_model):
+        out.append("--overwrite cannot be combined with --resume/--load_model")
+    if config.resume and config.ExpID is None:
+        out.append("--resume needs the --ExpID of the run to continue")
+    if config.ExpID is not None and re.fullmatch(r"[A-Za-z0-9_.-]+", config.ExpID) is None:
+        out.append(f"--ExpID may hold letters, digits, '_', '-' and '.', got {config.ExpID!r}")
+    if not re.fullmatch(r"(auto|cpu|cuda(:\d+)?|mps)", config.device):
+        out.append(f"--device must be auto, cpu or cuda, got {config.device!r}")
+    return out
+
+
+def make_config(**settings):
+    """A ``TrainConfig`` from keyword settings; an unknown name is a TypeError naming it
+    (a typo never passes silently) and an out-of-range value a ValueError listing them all."""
+    unknown = sorted(set(settings) - set(field_names()))
+    if unknown:
+        raise TypeError(f"unknown setting(s) {unknown}; known: {field_names()}")
+    config = TrainConfig(**settings)
+    found = problems(config)
+    if found:
+        raise ValueError("; ".join(found))
+    return config
+
+
+def replace(config, **settings):
+    return make_config(**{**dataclasses.asdict(config), **settings})
+
+
+def to_dict(config):
+    return dataclasses.asdict(config)
