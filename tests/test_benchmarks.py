@@ -1,0 +1,109 @@
+"""benchmarks/suite.py: its statistics and tables, and one tiny end-to-end run."""
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ENV, ROOT, run_cli
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import suite  # noqa: E402
+
+
+def test_spearman_matches_a_hand_computed_example_with_ties():
+    # x ranks 1, 2.5, 2.5, 4 (the tie shares ranks 2 and 3); y ranks 1, 3, 2, 4.
+    # Centred: dx = (-1.5, 0, 0, 1.5), dy = (-1.5, 0.5, -0.5, 1.5): sum dx*dy = 4.5,
+    # sum dx^2 = 4.5, sum dy^2 = 5, so rho = 4.5 / sqrt(4.5 * 5) = sqrt(0.9).
+    assert suite.rankdata([1, 2, 2, 3]).tolist() == [1, 2.5, 2.5, 4]
+    assert suite.rankdata([3, 1, 3, 3, 0]).tolist() == [4, 2, 4, 4, 1]
+    assert suite.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(math.sqrt(0.9))
+    assert suite.spearman([10, 20, 30, 40], [1, 4, 9, 16]) == pytest.approx(1.0)    # monotone, not linear
+    assert suite.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert suite.spearman([1, 2, np.nan, 4], [1, 2, 0, 3]) == pytest.approx(1.0)   # the NaN pair is dropped
+    assert math.isnan(suite.spearman([1, 1, 1], [1, 2, 3]))                        # constant: undefined
+    assert math.isnan(suite.spearman([1], [2]))
+
+
+def _scores(returns_by_step, best_step):
+    """A run's cached scores: step checkpoints, model_final at the last step, model_best."""
+    out = {f"model_{s}": {"step": s, "return": r, "success": r} for s, r in returns_by_step.items()}
+    last = max(returns_by_step)
+    out["model_final"] = dict(out[f"model_{last}"])
+    out["model_best"] = dict(out[f"model_{best_step}"])
+    return out
+
+
+def test_run_summary_and_tables():
+    refs = {"expert": 1.0, "noisy": 0.0}   # normalised score = return
+    crit = {10: 0.5, 20: 0.3, 30: 0.4}      # lower is better: ranks steps 20, 30, 10
+    lapo0 = suite.summarize_run(_scores({10: 0.2, 20: 0.8, 30: 0.6}, best_step=20), crit, refs)
+    assert lapo0["steps"] == [10, 20, 30] and lapo0["curve"] == pytest.approx([0.2, 0.8, 0.6])
+    assert lapo0["final"] == pytest.approx(0.6) and lapo0["peak"] == pytest.approx(0.8)
+    assert lapo0["peak_minus_final"] == pytest.approx(0.2) and lapo0["picked_minus_peak"] == pytest.approx(0.0)
+    assert lapo0["spearman"] == pytest.approx(1.0)
+    lapo1 = suite.summarize_run(_scores({10: 0.4, 20: 0.5, 30: 0.9}, best_step=10), crit, refs)
+    assert lapo1["picked_minus_peak"] == pytest.approx(-0.5)
+    assert lapo1["spearman"] == pytest.approx(0.5)    # -crit ranks (1, 3, 2) against scores (1, 2, 3)
+    two = suite.summarize_run(_scores({10: 0.1, 20: 0.2}, best_step=20), crit, refs)
+    assert two["spearman"] is None                    # two checkpoints always correlate +-1
+    bc = {s: suite.summarize_run(_scores({10: 0.3, 20: 0.3, 30: 0.3 + 0.1 * s}, best_step=30), crit, refs)
+          for s in (0, 1)}
+    runs = {"reach_wrong40": {"lapo": {0: lapo0, 1: lapo1}, "bc": bc},
+            "carry_dense": {"lapo": {0: lapo0, 1: lapo1}, "bc": bc}}
+    summary, mean = suite.aggregate(runs, ["lapo", "bc"], ["reach_wrong40", "carry_dense"])
+    final = summary["reach_wrong40"]["lapo"]["final"]
+    assert final["mean"] == pytest.approx(0.75) and final["std"] == pytest.approx(0.15)   # ddof=0
+    assert summary["reach_wrong40"]["gap"]["final"]["mean"] == pytest.approx(0.75 - 0.35)
+    assert mean["lapo"]["final"]["mean"] == pytest.approx(0.75)
+    lines = suite.markdown_tables("dev", ["reach_wrong40", "carry_dense"], ["lapo", "bc"], summary, mean)
+    text = "\n".join(lines)
+    assert lines[0].startswith("## dev split")
+    assert ("| reach_wrong40 | LAPO | 2 | 0.75 ± 0.15 | 0.60 ± 0.20 | 0.85 ± 0.05 | +0.10 ± 0.10 | +0.75 ± 0.25 "
+            "| -0.25 ± 0.25 |") in text
+    # one BC seed's curve is constant: its rank correlation is undefined and left out
+    assert ("| reach_wrong40 | BC | 2 | 0.35 ± 0.05 | 0.35 ± 0.05 | 0.35 ± 0.05 | +0.00 ± 0.00 | +0.00 (1 of 2) |"
+            in text)
+    assert "| reach_wrong40 | LAPO - BC | | +0.40 |" in text
+    assert "| mean over variants | LAPO | 2 | 0.75 ± 0.15 |" in text
+    assert "| mean over variants | LAPO - BC | | +0.40 |" in text
+    assert "| variant | policy | 10 | 20 | 30 |" in text
+    assert "| carry_dense | LAPO | 0.30 ± 0.10 | 0.65 ± 0.15 | 0.75 ± 0.15 |" in text
+
+
+@pytest.mark.slow
+def test_suite_end_to_end_on_a_tiny_setting(tmp_path):
+    out = tmp_path / "suite"
+    args = ["--variants", "reach_wrong40", "--seeds", "0", "--image_size", "16", "--n_samples", "300",
+            "--max_timesteps", "30", "--score_every", "10", "--eval_episodes", "2", "--jobs", "2",
+            "--extra", "--batch_size 8", "--out", out]
+    res = run_cli("benchmarks/suite.py", *args, env=ENV)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    table = (out / "suite.md").read_text()
+    assert "## dev split: reach_wrong40" in table
+    for row in ("| reach_wrong40 | LAPO | 1 |", "| reach_wrong40 | BC | 1 |", "| reach_wrong40 | LAPO - BC |",
+                "| variant | policy | 10 | 20 | 30 |"):
+        assert row in table
+    report = json.loads((out / "suite.json").read_text())
+    for algo, criterion in (("lapo", "test_good_action_mse"), ("bc", "test_action_mse")):
+        run = report["runs"]["reach_wrong40"][algo]["0"]
+        assert run["steps"] == [10, 20, 30] and run["criterion"] == criterion
+        assert len(run["criterion_at_steps"]) == 3 and None not in run["criterion_at_steps"]
+        assert run["spearman"] is None or -1 <= run["spearman"] <= 1
+        assert run["checkpoints"]["model_final"]["same_as"] == "model_30"
+        folder = run["folder"]
+        assert sorted(f for f in os.listdir(folder) if f.endswith(".pth")) == ["model_best.pth", "model_final.pth"]
+        assert os.path.exists(os.path.join(folder, suite.SCORES_FILE))
+    assert set(report["splits"]) == {"dev"}
+    assert set(report["reference_returns"]["reach_wrong40"]) == {"expert", "wrong", "noisy"}
+    if importlib.util.find_spec("matplotlib"):
+        assert (out / "suite_dev.png").stat().st_size > 0
+
+    # again, report only: the runs are reused and nothing is rolled out twice
+    again = run_cli("benchmarks/suite.py", *args, "--skip_training", env=ENV)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "reusing 2 finished run(s)" in again.stdout and ".pth: return" not in again.stdout
+    assert json.loads((out / "suite.json").read_text())["runs"] == report["runs"]
