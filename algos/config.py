@@ -94,6 +94,10 @@ class TrainConfig:
     weight_temperature: float = setting(0.05, "CVAE weights exp(A / this), clipped at 100, in units of the "
                                               "largest one-step reward; 0: the original LAPO's two weights, "
                                               "--expectile and 1 - it", "algorithm")
+    value_folds: int = setting(1, "V heads, each fitted on its own share of the training episodes; with 2 or "
+                                  "more the episode filter judges each episode with a head that never fitted it, "
+                                  "so its judgement does not drift to 0 as V fits the episode's own return",
+                               "algorithm", positive=True)
     expectile: float = setting(0.99, "with --weight_temperature 0: CVAE weight of positive-advantage samples "
                                      "(the others get 1 - this)", "algorithm", unit_interval="()")
     no_episode_filter: bool = setting(False, "imitate every episode; by default the CVAE skips the episodes "

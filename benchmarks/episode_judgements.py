@@ -1,0 +1,96 @@
+"""How LAPO's episode filter judges each kind of operator, on training and held-out episodes.
+
+    python benchmarks/episode_judgements.py --data D.hdf5 RUN/model_500.pth RUN/model_3000.pth ...
+
+For each checkpoint, the episode judgement the filter uses (A at an episode's first row:
+its n-step return against the value of its start) of every episode of the file, computed
+with that checkpoint's encoder and critic exactly as training computes it. Grouped by the
+file's per-row ``behaviour`` label (recorded by create_dataset.py) and by whether the
+episode is in the training split (the episodes the critic has fitted) or held out (never
+seen). A filter that generalises keeps the same operators on both; one that has fitted
+its own training episodes drifts on those only. Prints one table per checkpoint: per
+behaviour and split, episodes, share kept (A_episode above the threshold) and mean A_episode.
+"""
+import argparse
+import json
+import os
+import sys
+
+import h5py
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from algos import algos_vae_multimodal as algos  # noqa: E402
+from algos import hdf5_format  # noqa: E402
+from algos import utils_multimodal as utils  # noqa: E402
+
+
+def episode_first_rows(buffer, episode_ids):
+    """The first usable row of each given episode (where the filter judges it)."""
+    rows = torch.cat([buffer.train_rows, buffer.test_rows]).cpu().numpy()
+    episode = buffer.episode_of_row[rows]
+    first = {}
+    for row, ep in sorted(zip(rows.tolist(), episode.tolist())):
+        first.setdefault(ep, row)
+    return np.array([first[e] for e in episode_ids if e in first]), [e for e in episode_ids if e in first]
+
+
+@torch.no_grad()
+def judge(agent, buffer, episode_ids):
+    rows, kept_ids = episode_first_rows(buffer, episode_ids)
+    out = []
+    for start in range(0, len(rows), 256):
+        batch = buffer.gather(torch.from_numpy(rows[start:start + 256]))
+        feature = agent.encoder(batch.images, batch.joint)
+        next_feature = agent.encoder(batch.next_images, batch.next_joint)
+        out.append(agent._advantage(feature, next_feature, batch.reward, batch.discount).squeeze(1))
+    return np.array(kept_ids), torch.cat(out).numpy()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="the dataset the checkpoints were trained on")
+    p.add_argument("checkpoints", nargs="+")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = p.parse_args(argv)
+    dataset = hdf5_format.load_dataset(args.data, progress=False)
+    with h5py.File(args.data, "r") as f:
+        if "behaviour" not in f:
+            sys.exit(f"{args.data}: no per-row 'behaviour' key (record it with create_dataset.py --create_sample)")
+        behaviour = np.asarray(f["behaviour"][:])
+        names = json.loads(f.attrs["behaviour_names"])
+    episodes = utils.episode_ranges(dataset.terminals, dataset.timeouts)
+    episode_behaviour = np.array([names[behaviour[start]] for start, _ in episodes])
+    report = {}
+    buffer = None
+    for path in args.checkpoints:
+        ckpt = algos.read_checkpoint(path)
+        if buffer is None:
+            buffer = utils.MultimodalReplayBuffer(dataset, ckpt["config"], device="cpu",
+                                                  normalization=utils.Normalization.from_state_dict(ckpt["normalization"]))
+        agent = algos.MultimodalAgent.from_checkpoint(path, device="cpu", replay_buffer=buffer)
+        threshold = -agent.filter_margin * agent.weight_temperature
+        print(f"\n{path} (step {agent.total_it}); kept: A_episode > {threshold:g}")
+        print("| behaviour | split | episodes | kept | mean A_episode |")
+        print("|---|---|---|---|---|")
+        rows = []
+        for split, ids in (("train", buffer.train_episode_ids), ("held out", buffer.test_episode_ids)):
+            judged_ids, advantage = judge(agent, buffer, list(ids))
+            for name in names:
+                mask = episode_behaviour[judged_ids] == name
+                if not mask.any():
+                    continue
+                kept = float((advantage[mask] > threshold).mean())
+                print(f"| {name} | {split} | {int(mask.sum())} | {kept:.2f} | {advantage[mask].mean():+.3f} |")
+                rows.append({"behaviour": name, "split": split, "episodes": int(mask.sum()), "kept": kept,
+                             "mean_advantage": float(advantage[mask].mean())})
+        report[path] = {"step": agent.total_it, "rows": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
