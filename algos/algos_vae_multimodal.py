@@ -3,20 +3,21 @@
 LAPO (Chen et al., NeurIPS 2022) learns an advantage-weighted CVAE of the behaviour
 policy and a latent policy that picks, through the CVAE decoder, the mode of the data
 with the highest value. This file follows the original LAPO code (algos_vae.py there)
-on top of an observation encoder, with these departures, each a setting that can be
-turned back (docs/design.md says why, docs/experiments/ has the measurements):
-  * target_Q is bounded below by the return the data observed to a terminal
-    (``return_bound``, see ``_critic_targets``);
-  * V(s) is an upper expectile of Q over the data's own actions, as in IQL
-    (``value_target="data"``), not Q at the latent policy's action: the latter climbs with
-    the actor that maximises Q, and the advantages of the good data go negative with it;
+on top of an observation encoder, with these departures (``original_lapo`` turns the first
+five back, for ablations; docs/design.md says why, docs/experiments/ has the measurements):
+  * n-step targets (``n_step``): the critic bootstraps after the rewards the recorded
+    episode received over the next n steps, and target_Q is bounded below by the return
+    the data observed to a terminal (see ``_critic_targets``);
+  * V(s) is an upper expectile of Q over the data's own actions, as in IQL, not Q at the
+    latent policy's action: the latter climbs with the actor that maximises Q, and the
+    advantages of the good data go negative with it;
   * the CVAE's weights are exp(A / ``weight_temperature``), as in AWR, not LAPO's two values;
-  * the episode filter (``episode_filter``): the CVAE skips the episodes whose return fell
-    short of their start's value, and half of each batch (``kept_batch_frac``) is drawn
-    from the episodes it keeps, so that the CVAE has rows to imitate at every step;
-  * the policy acts through Polyak averages of all it is made of (``polyak_acting``):
-    the encoder's average, the latent actor's and the decoder's (the targets), not the
-    online networks, whose last few hundred steps swing the policy's success by +-0.1;
+  * the episode filter: the CVAE skips the episodes whose return fell short of their
+    start's value, and half of each batch (``kept_batch_frac``) is drawn from the episodes
+    it keeps, so that the CVAE has rows to imitate at every step;
+  * the policy acts through Polyak averages of all it is made of: the encoder's average,
+    the latent actor's and the decoder's (the targets), not the online networks, whose
+    last few hundred steps swing the policy's success by +-0.1;
   * the encoder's learning rate falls to 0 over the second half of the run
     (``encoder_lr_decay``, shared with the BC baseline), so that the heads end the run
     fitted to the features the policy acts on.
@@ -676,14 +677,13 @@ class MultimodalLatent(MultimodalAgent):
         max_latent_action, obs_feature_dim = c.max_latent_action, c.obs_feature_dim
         self.return_bound = c.return_bound
         self.value_target, self.value_expectile = c.value_target, c.value_expectile
-        self.weight_temperature = c.weight_temperature
+        self.weight_temperature, self.expectile_weights = c.weight_temperature, c.original_lapo
         self.episode_filter = c.episode_filter
         self.kept_batch_frac = c.kept_batch_frac
         self.filter_margin = c.filter_margin
         self.polyak_acting = c.polyak_acting
         # A of each episode at its first row, NaN until judged (see _refresh_episode_advantage)
         self.episode_advantage = None
-        self.encoder_losses = c.encoder_losses
         self.tau, self.expectile, self.kl_beta = c.tau, c.expectile, c.kl_beta
         self.no_noise, self.doubleq_min = c.no_noise, c.doubleq_min
         self.max_latent_action = max_latent_action
@@ -772,7 +772,7 @@ class MultimodalLatent(MultimodalAgent):
 
     def _advantage_weight(self, advantage, episode_advantage=None):
         """CVAE weight of each sample: ``exp(A / weight_temperature)`` clipped at
-        ``MAX_ADVANTAGE_WEIGHT`` (AWR's form), or with temperature 0 LAPO's two weights,
+        ``MAX_ADVANTAGE_WEIGHT`` (AWR's form), or with ``original_lapo`` LAPO's two weights,
         ``expectile`` where A > 0 and 1 - ``expectile`` elsewhere.
 
         With ``episode_advantage`` (the advantage of each row's episode at its first row,
@@ -782,7 +782,7 @@ class MultimodalLatent(MultimodalAgent):
         from being imitated in the states only it visited, and those are the states a
         policy drifts into; weighted by ``exp(A / T)`` alone, the good behaviour's own last
         steps (A near 0: nobody else acted there) weigh no more than anyone's."""
-        if self.weight_temperature <= 0:
+        if self.expectile_weights:
             return torch.where(advantage > 0, self.expectile, 1 - self.expectile)
         if episode_advantage is not None:
             judged = ~torch.isnan(episode_advantage)
@@ -898,7 +898,7 @@ class MultimodalLatent(MultimodalAgent):
             if self.episode_filter and batch.episode is not None:
                 episode_advantage = self.episode_advantage[batch.episode].unsqueeze(1)
             advantage_weight = self._advantage_weight(advantage, episode_advantage)
-        recon_action, mean, log_var = self.actor_vae(feature if self.encoder_losses != "critic" else state, action)
+        recon_action, mean, log_var = self.actor_vae(feature, action)
         recon_loss = (recon_action - action).pow(2).sum(1, keepdim=True)
         kl_loss = -0.5 * (1 + log_var - mean.pow(2) - log_var.exp()).sum(1, keepdim=True)
         vae_loss = (advantage_weight * (recon_loss + self.kl_beta * kl_loss)).mean()

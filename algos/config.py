@@ -57,8 +57,6 @@ class TrainConfig:
                                            "falls to 0 along a half cosine, so the heads end the run fitted to "
                                            "the features the policy acts on; 0: constant", "model",
                                       unit_interval="[]")
-    encoder_losses: str = setting("critic+vae", "losses whose gradients train the shared encoder", "model",
-                                  choices=("critic", "critic+vae"))
     amp: str = setting("off", "bfloat16 autocast of the encoder. off: float32; auto: bf16 on CUDA only (the CPU "
                               "stays float32, so resume is bit-exact); bf16: also on CPUs with native bf16",
                        "model", choices=("off", "auto", "bf16"))
@@ -82,33 +80,28 @@ class TrainConfig:
                                        positive=True)
     doubleq_min: float = setting(1.0, "weight of min(Q1, Q2) in the V target (the rest on max)", "algorithm",
                                  unit_interval="[]")
-    no_noise: bool = setting(False, "no clipped noise on the target latent action (with --value_target policy)",
-                             "algorithm")
-    no_return_bound: bool = setting(False, "critic targets without the observed return to a terminal as their "
-                                           "lower bound", "algorithm")
-    value_target: str = setting("data", "what V(s) is fitted to: data = an upper expectile of Q_target at the "
-                                        "data's own actions (IQL's); policy = Q_target at the latent policy's "
-                                        "action (the original LAPO's)", "algorithm", choices=("data", "policy"))
-    value_expectile: float = setting(0.7, "expectile of the data's Q that V fits with --value_target data",
+    value_expectile: float = setting(0.7, "expectile of Q over the data's own actions that V fits (IQL's)",
                                      "algorithm", unit_interval="()")
     weight_temperature: float = setting(0.05, "CVAE weights exp(A / this), clipped at 100, in units of the "
-                                              "largest one-step reward; 0: the original LAPO's two weights, "
-                                              "--expectile and 1 - it", "algorithm")
+                                              "largest one-step reward", "algorithm", positive=True)
     value_folds: int = setting(1, "V heads, each fitted on its own share of the training episodes; with 2 or "
                                   "more the episode filter judges each episode with a head that never fitted it, "
                                   "so its judgement does not drift to 0 as V fits the episode's own return",
                                "algorithm", positive=True)
-    expectile: float = setting(0.99, "with --weight_temperature 0: CVAE weight of positive-advantage samples "
-                                     "(the others get 1 - this)", "algorithm", unit_interval="()")
-    no_episode_filter: bool = setting(False, "imitate every episode; by default the CVAE skips the episodes "
-                                             "whose return falls short of the value of their start", "algorithm")
+    original_lapo: bool = setting(False, "the original LAPO algorithm on this encoder, for ablations: V fitted "
+                                         "to Q at the latent policy's action (clipped noise unless --no_noise), "
+                                         "CVAE weights --expectile and 1 - it by the sign of A, one-step backups "
+                                         "without the observed return as a bound, every episode imitated, the "
+                                         "online networks act", "algorithm")
+    expectile: float = setting(0.9, "with --original_lapo: CVAE weight of positive-advantage samples (the others "
+                                    "get 1 - this)", "algorithm", unit_interval="()")
+    no_noise: bool = setting(False, "with --original_lapo: no clipped noise on the target latent action",
+                             "algorithm")
     filter_margin: float = setting(0.0, "how far an episode's return may fall short of its start's value and "
                                         "still be imitated, in units of --weight_temperature", "algorithm")
     kept_batch_frac: float = setting(0.5, "with the episode filter, the share of each batch drawn from the "
                                           "episodes it keeps (the rest uniform over the training rows)",
                                      "algorithm", unit_interval="[]")
-    no_polyak_acting: bool = setting(False, "act through the online encoder and latent actor instead of their "
-                                            "Polyak averages (rate --tau)", "algorithm")
 
     # ---- run: bookkeeping, free to change on resume
     seed: int = setting(0, "seed of the weights, the batches and the train/test split of episodes", "run")
@@ -133,18 +126,31 @@ class TrainConfig:
     resume: bool = setting(False, "continue the latest checkpoint of --ExpID", "run")
     overwrite: bool = setting(False, "replace an existing experiment folder", "run")
 
+    # What --original_lapo turns back; each is on in the default algorithm (docs/design.md says why).
     @property
     def return_bound(self):
-        return not self.no_return_bound
+        """target_Q bounded below by the return the data observed to a terminal."""
+        return not self.original_lapo
+
+    @property
+    def value_target(self):
+        """V fitted to Q at the data's own actions ("data", IQL's) or at the policy's ("policy")."""
+        return "policy" if self.original_lapo else "data"
 
     @property
     def episode_filter(self):
-        """The filter works on the exponential weights' scale, so it needs a temperature."""
-        return not self.no_episode_filter and self.weight_temperature > 0
+        """The CVAE imitates only the episodes that did better than their start's value."""
+        return not self.original_lapo
 
     @property
     def polyak_acting(self):
-        return not self.no_polyak_acting
+        """The policy acts through the Polyak averages of encoder, latent actor and decoder."""
+        return not self.original_lapo
+
+    @property
+    def backup_steps(self):
+        """Rewards summed before bootstrapping: ``n_step``, or one with --original_lapo."""
+        return 1 if self.original_lapo else self.n_step
 
 
 GROUPS = {"data": "data (what is trained on)", "model": "model (the observation encoder)",

@@ -226,7 +226,7 @@ class Batch:
 
 
 # The settings the buffer is built from: an agent trained on the buffer records these.
-BUFFER_SETTINGS = ("train_test_split", "seed", "discount", "n_step", "relative_actions")
+BUFFER_SETTINGS = ("train_test_split", "seed", "discount", "n_step", "relative_actions", "original_lapo")
 
 
 class MultimodalReplayBuffer:
@@ -234,7 +234,7 @@ class MultimodalReplayBuffer:
 
     Built from a ``TrainConfig`` (default: the defaults) with ``settings`` applied by name:
     ``train_test_split`` and ``seed`` choose the held-out episodes, ``discount`` and ``n_step``
-    the returns, ``relative_actions`` the action units. ``normalization`` given (a checkpoint's,
+    (one step with ``original_lapo``) the returns, ``relative_actions`` the action units. ``normalization`` given (a checkpoint's,
     when training goes on from one) replaces the statistics of this file, so that the
     networks keep the units they were trained in. Storage stays uint8; ``storage_device`` is
     where the images live (the training device when they fit there, else the CPU) and
@@ -246,7 +246,7 @@ class MultimodalReplayBuffer:
         config = config_lib.replace(config or config_lib.TrainConfig(), **settings)
         self.settings = {k: getattr(config, k) for k in BUFFER_SETTINGS}
         train_fraction, seed, discount = config.train_test_split, config.seed, config.discount
-        relative_actions, n_step = config.relative_actions, config.n_step
+        relative_actions, n_step = config.relative_actions, config.backup_steps
         self.device = torch.device(device)
         self.storage_device = torch.device(storage_device) if storage_device is not None else torch.device("cpu")
         self.path = dataset.path

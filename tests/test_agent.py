@@ -277,7 +277,7 @@ def test_the_policy_acts_through_the_polyak_averages_of_all_its_parts(tiny_datas
     acted = lapo.select_action(*imgs, joint)
     np.testing.assert_allclose(acted, deployed(lapo, lapo.encoder_target, lapo.actor_target), rtol=1e-5, atol=1e-5)
     assert not np.allclose(acted, deployed(lapo, lapo.encoder, lapo.actor), atol=1e-3)
-    online = algos.MultimodalLatent(replay_buffer=make_buffer(tiny_dataset), no_polyak_acting=True, **SMALL)
+    online = algos.MultimodalLatent(replay_buffer=make_buffer(tiny_dataset, original_lapo=True), **SMALL)
     online.train(1, 8)
     assert "encoder_target" not in online._modules()
     np.testing.assert_allclose(online.select_action(*imgs, joint), deployed(online, online.encoder, online.actor),

@@ -318,9 +318,10 @@ def test_value_targets_are_clamped(tiny_dataset):
 
 @pytest.mark.parametrize("return_bound", [True, False])
 def test_observed_return_bounds_the_q_target_from_below(tiny_dataset, return_bound):
-    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), train_test_split=0.8, seed=0)
-    agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu",
-                                   no_return_bound=not return_bound)
+    """The default algorithm bounds target_Q below by the observed return; the original does not."""
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), train_test_split=0.8,
+                                          seed=0, original_lapo=not return_bound)
+    agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu")
     with torch.no_grad():
         agent.critic.v_net[-1].weight.zero_()
         agent.critic.v_net[-1].bias.fill_(0.0)   # V(s') = 0: the one-step target is r
@@ -348,7 +349,7 @@ def test_value_over_the_data_is_the_expectile_of_its_q(tiny_dataset):
     expectile loss, so with targets 0 and 1 equally often it settles at the expectile."""
     buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), train_test_split=0.8, seed=0)
     agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu",
-                                   value_target="data", value_expectile=0.8)
+                                   value_expectile=0.8)
     agent.critic_target = lambda feature, action: (action[:, :1], action[:, :1] + 1)   # Q_t(s, a) = a[0]
     feature, action = torch.zeros(4, 32), torch.zeros(4, agent.action_dim)
     action[:, 0] = torch.tensor([0.0, 1.0, 0.0, 1.0])
@@ -425,10 +426,12 @@ def test_half_of_each_batch_comes_from_the_episodes_the_filter_keeps(tiny_datase
 
 
 def test_advantage_weights_exponential_or_two_valued(tiny_dataset):
-    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), train_test_split=0.8, seed=0)
+    data = hdf5_format.load_dataset(tiny_dataset, progress=False)
+    buffer = utils.MultimodalReplayBuffer(data, train_test_split=0.8, seed=0)
     advantage = torch.tensor([[-1.0], [0.0], [0.05], [1.0]])
-    two_valued = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16,
-                                        device="cpu", expectile=0.9, weight_temperature=0)
+    original = utils.MultimodalReplayBuffer(data, train_test_split=0.8, seed=0, original_lapo=True)
+    two_valued = algos.MultimodalLatent(replay_buffer=original, obs_feature_dim=32, image_feature_dim=16,
+                                        device="cpu", expectile=0.9)
     assert two_valued._advantage_weight(advantage).squeeze(1).tolist() == pytest.approx([0.1, 0.1, 0.9, 0.9])
     exponential = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16,
                                          device="cpu", weight_temperature=0.1)
