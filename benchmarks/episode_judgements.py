@@ -45,7 +45,9 @@ def judge(agent, buffer, episode_ids):
         batch = buffer.gather(torch.from_numpy(rows[start:start + 256]))
         feature = agent.encoder(batch.images, batch.joint)
         next_feature = agent.encoder(batch.next_images, batch.next_joint)
-        out.append(agent._advantage(feature, next_feature, batch.reward, batch.discount).squeeze(1))
+        # the head the filter judges with (another fold's, with value_folds > 1)
+        fold = agent._fold(batch.episode, offset=1)
+        out.append(agent._advantage(feature, next_feature, batch.reward, batch.discount, fold).squeeze(1))
     return np.array(kept_ids), torch.cat(out).numpy()
 
 
