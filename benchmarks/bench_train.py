@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from algos import algos_vae_multimodal as algos  # noqa: E402
+from algos import hdf5_format  # noqa: E402
 from algos import utils_multimodal as utils  # noqa: E402
 
 

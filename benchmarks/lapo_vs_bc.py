@@ -23,30 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from algos import algos_vae_multimodal as algos  # noqa: E402
 from algos import simulator  # noqa: E402
+from suite import run_jobs  # noqa: E402  (benchmarks/ is on the path: this script's folder)
 
 FRESH_SEED_BASE = 2_000_000   # training evaluates on 1_000_000+; the data uses other seeds
-
-
-def run_jobs(commands, jobs, threads, log_dir):
-    """Run shell-free commands, ``jobs`` at a time, each on ``threads`` threads."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-    pending, running, failed = list(commands), [], []
-    while pending or running:
-        while pending and len(running) < jobs:
-            name, cmd = pending.pop(0)
-            log = open(os.path.join(log_dir, f"{name}.log"), "w")
-            print(f"  start {name}: {' '.join(cmd)}", flush=True)
-            running.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), log))
-        time.sleep(2)
-        for item in list(running):
-            name, proc, log = item
-            if proc.poll() is not None:
-                log.close()
-                running.remove(item)
-                print(f"  done  {name} (exit {proc.returncode})", flush=True)
-                if proc.returncode != 0:
-                    failed.append(name)
-    return failed
 
 
 def finished_run(folder, algo, seed, max_timesteps, data):
