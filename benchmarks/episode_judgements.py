@@ -9,7 +9,8 @@ file's per-row ``behaviour`` label (recorded by create_dataset.py) and by whethe
 episode is in the training split (the episodes the critic has fitted) or held out (never
 seen). A filter that generalises keeps the same operators on both; one that has fitted
 its own training episodes drifts on those only. Prints one table per checkpoint: per
-behaviour and split, episodes, share kept (A_episode above the threshold) and mean A_episode.
+behaviour and split, episodes, share kept (A_episode above the threshold), mean A_episode and
+mean V at the episodes' first rows (the value the return is judged against).
 """
 import argparse
 import json
@@ -40,15 +41,14 @@ def episode_first_rows(buffer, episode_ids):
 @torch.no_grad()
 def judge(agent, buffer, episode_ids):
     rows, kept_ids = episode_first_rows(buffer, episode_ids)
-    out = []
+    out, values = [], []
     for start in range(0, len(rows), 256):
         batch = buffer.gather(torch.from_numpy(rows[start:start + 256]))
         feature = agent.encoder(batch.images, batch.joint)
         next_feature = agent.encoder(batch.next_images, batch.next_joint)
-        # the head the filter judges with (another fold's, with value_folds > 1)
-        fold = agent._fold(batch.episode, offset=1)
-        out.append(agent._advantage(feature, next_feature, batch.reward, batch.discount, fold).squeeze(1))
-    return np.array(kept_ids), torch.cat(out).numpy()
+        out.append(agent._advantage(feature, next_feature, batch.reward, batch.discount).squeeze(1))
+        values.append(agent.critic.v(feature).squeeze(1))
+    return np.array(kept_ids), torch.cat(out).numpy(), torch.cat(values).numpy()
 
 
 def main(argv=None):
@@ -75,19 +75,21 @@ def main(argv=None):
         agent = algos.MultimodalAgent.from_checkpoint(path, device="cpu", replay_buffer=buffer)
         threshold = -agent.filter_margin * agent.weight_temperature
         print(f"\n{path} (step {agent.total_it}); kept: A_episode > {threshold:g}")
-        print("| behaviour | split | episodes | kept | mean A_episode |")
-        print("|---|---|---|---|---|")
+        print("| behaviour | split | episodes | kept | mean A_episode | mean V(start) |")
+        print("|---|---|---|---|---|---|")
         rows = []
         for split, ids in (("train", buffer.train_episode_ids), ("held out", buffer.test_episode_ids)):
-            judged_ids, advantage = judge(agent, buffer, list(ids))
+            judged_ids, advantage, start_value = judge(agent, buffer, list(ids))
             for name in names:
                 mask = episode_behaviour[judged_ids] == name
                 if not mask.any():
                     continue
                 kept = float((advantage[mask] > threshold).mean())
-                print(f"| {name} | {split} | {int(mask.sum())} | {kept:.2f} | {advantage[mask].mean():+.3f} |")
+                print(f"| {name} | {split} | {int(mask.sum())} | {kept:.2f} | {advantage[mask].mean():+.3f} "
+                      f"| {start_value[mask].mean():+.3f} |")
                 rows.append({"behaviour": name, "split": split, "episodes": int(mask.sum()), "kept": kept,
-                             "mean_advantage": float(advantage[mask].mean())})
+                             "mean_advantage": float(advantage[mask].mean()),
+                             "mean_start_value": float(start_value[mask].mean())})
         report[path] = {"step": agent.total_it, "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
