@@ -21,9 +21,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from algos import algos_vae_multimodal as algos  # noqa: E402
 from algos import simulator  # noqa: E402
-from suite import run_jobs  # noqa: E402  (benchmarks/ is on the path: this script's folder)
+from suite import rollout_checkpoint, run_jobs  # noqa: E402  (benchmarks/ is on the path: this script's folder)
 
 FRESH_SEED_BASE = 2_000_000   # training evaluates on 1_000_000+; the data uses other seeds
 
@@ -45,13 +44,6 @@ def run_wall_time(folder):
     with open(os.path.join(folder, "progress.csv")) as f:
         rows = list(csv.DictReader(f))
     return float(rows[-1]["wall_time_s"]) if rows else float("nan")
-
-
-def evaluate(checkpoint, sim_name, sim_config, seeds):
-    agent = algos.MultimodalAgent.from_checkpoint(checkpoint, device="cpu")
-    envs = [simulator.make_simulator(sim_name, sim_config) for _ in seeds]
-    returns, successes, _ = simulator.rollout(envs, agent.act_on_observations, seeds)
-    return float(returns.mean()), float(successes.mean())
 
 
 def main(argv=None):
@@ -122,8 +114,8 @@ def main(argv=None):
         finals, succ, bests = [], [], []
         for seed in args.seeds:
             folder = os.path.join(results, f"Exp{algo}_s{seed}", "multimodal_robot")
-            ret, sr = evaluate(os.path.join(folder, "model_final.pth"), sim_name, sim_config, seeds)
-            bret, _ = evaluate(os.path.join(folder, "model_best.pth"), sim_name, sim_config, seeds)
+            ret, sr = rollout_checkpoint(os.path.join(folder, "model_final.pth"), sim_name, sim_config, seeds)
+            bret, _ = rollout_checkpoint(os.path.join(folder, "model_best.pth"), sim_name, sim_config, seeds)
             finals.append(score(ret))
             succ.append(sr)
             bests.append(score(bret))
