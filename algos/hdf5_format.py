@@ -72,7 +72,7 @@ class DatasetSummary:
 
 def _describe(obj):
     if isinstance(obj, h5py.Dataset):
-        dtype = "bool" if obj.dtype == np.bool_ else str(obj.dtype)
+        dtype = "bool" if obj.dtype == np.bool_ else "str" if h5py.check_string_dtype(obj.dtype) else str(obj.dtype)
         extra = ""
         if obj.compression:
             extra = f", {obj.compression}"
