@@ -15,7 +15,6 @@ mix of operators. --task, --mix, --reward and --max_episode_steps given with it 
 the variant's own; the file's attributes name the variant and its split (dev or test).
 """
 import argparse
-import signal
 import sys
 
 from algos import importers, preview, simulator
@@ -104,12 +103,7 @@ def main(argv=None):
         return 130
 
 
-def stop_on_sigterm(signum, frame):
-    raise KeyboardInterrupt   # the writers remove their temporary files on the way out
-
-
 def run(parser, args, size):
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
     source = next(((fmt, getattr(args, f"from_{fmt}")) for fmt in IMPORT_FORMATS if getattr(args, f"from_{fmt}")), None)
     if source:
         if not args.output:

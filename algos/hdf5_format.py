@@ -263,7 +263,8 @@ def _inspect_episode_table(f, ends, summary):
     stored = np.asarray(table["length"][:])
     if not np.array_equal(stored, lengths):
         summary.problems.append(f"{EPISODES_GROUP}/length: {len(stored)} episode(s) summing to {int(stored.sum())} "
-                                f"rows, but terminals/timeouts delimit {len(lengths)} episode(s) of {summary.n_rows} rows")
+                                f"rows, but terminals/timeouts delimit {len(lengths)} episode(s) of "
+                                f"{summary.n_rows} rows")
         return
     for name in table:
         if name == "length":

@@ -59,19 +59,24 @@ def statistics_lines(table, success_source):
     return lines
 
 
+def evenly_spaced(n, k):
+    """At most k of range(n), evenly spaced, first and last included."""
+    return np.unique(np.linspace(0, n - 1, min(k, n)).round().astype(int))
+
+
 def contact_sheet(f, table, out, n_episodes, n_frames):
     """Write the PNG: evenly spaced episodes as rows, evenly spaced frames as panels."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [table[i] for i in np.unique(np.linspace(0, len(table) - 1, min(n_episodes, len(table))).round().astype(int))]
+    shown = [table[i] for i in evenly_spaced(len(table), n_episodes)]
     h, w = f[f"observations/{IMAGE_KEYS[0]}"].shape[1:3]
     rewards = f["rewards"]
     fig, axes = plt.subplots(len(shown), n_frames, squeeze=False,
                              figsize=(n_frames * PANEL_INCHES * 3 * w / h, len(shown) * (PANEL_INCHES + 0.45)))
     for row, episode in zip(axes, shown):
-        steps = np.unique(np.linspace(0, episode["length"] - 1, n_frames).round().astype(int))
+        steps = evenly_spaced(episode["length"], n_frames)
         for ax in row:
             ax.axis("off")
         for ax, step in zip(row, steps):

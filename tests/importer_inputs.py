@@ -43,9 +43,14 @@ def jpeg_as_cv2_writes(rgb):
     return np.frombuffer(buffer.getvalue(), np.uint8)
 
 
+def aloha_camera_frames(camera, first_frame, length, size):
+    return camera_frames(ALOHA_VIEW_OF[camera], first_frame, length, size)
+
+
 def write_aloha_episode(path, length=20, first_frame=0, cameras=ALOHA_CAMERAS, size=(480, 640), compress=False,
-                        sim=False, dim=14, seed=0):
-    """One episode_*.hdf5 as ALOHA's record_episodes.py (or ACT's record_sim_episodes.py) writes it."""
+                        sim=False, dim=14, seed=0, frames_of=aloha_camera_frames):
+    """One episode_*.hdf5 as ALOHA's record_episodes.py (or ACT's record_sim_episodes.py) writes it;
+    ``frames_of(camera, first_frame, length, size)`` makes each camera's frames."""
     rng = np.random.default_rng(seed)
     with h5py.File(path, "w", rdcc_nbytes=1024 ** 2 * 2) as root:
         root.attrs["sim"] = sim
@@ -55,7 +60,7 @@ def write_aloha_episode(path, length=20, first_frame=0, cameras=ALOHA_CAMERAS, s
         image = obs.create_group("images")
         encoded = {}
         for cam in cameras:
-            frames = camera_frames(ALOHA_VIEW_OF[cam], first_frame, length, size)
+            frames = frames_of(cam, first_frame, length, size)
             if compress:
                 encoded[cam] = [jpeg_as_cv2_writes(f) for f in frames]
             else:
@@ -71,7 +76,7 @@ def write_aloha_episode(path, length=20, first_frame=0, cameras=ALOHA_CAMERAS, s
             root.create_dataset("compress_len", data=compress_len.astype(np.float32))
         qpos = np.cumsum(rng.normal(0, 0.01, (length, dim)), 0).astype(np.float32)
         obs.create_dataset("qpos", data=qpos)
-        obs.create_dataset("qvel", data=np.gradient(qpos, axis=0).astype(np.float32))
+        obs.create_dataset("qvel", data=np.diff(qpos, axis=0, prepend=qpos[:1]).astype(np.float32))
         if not sim:
             obs.create_dataset("effort", data=rng.normal(size=(length, dim)).astype(np.float32))
             root.create_dataset("base_action", data=np.zeros((length, 2), np.float32))

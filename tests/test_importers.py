@@ -206,7 +206,10 @@ def test_a_failed_or_interrupted_conversion_leaves_no_output(tmp_path):
     res, out = convert(tmp_path, "--from_aloha", folder)
     assert_refused(res, out, "episode_2.hdf5", "observations/images/cam_high", "not a JPEG")
 
-    big = write_aloha_folder(tmp_path / "big", n_episodes=40, length=25, size=(120, 160))
+    big = tmp_path / "big"   # one episode linked 300 times: a conversion of several seconds
+    write_aloha_folder(big, n_episodes=1, length=25, size=(120, 160))
+    for e in range(1, 300):
+        os.link(big / "episode_0.hdf5", big / f"episode_{e}.hdf5")
     out = tmp_path / "killed.hdf5"
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "create_dataset.py"), "--from_aloha", str(big),
                              "--output", str(out)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -214,7 +217,7 @@ def test_a_failed_or_interrupted_conversion_leaves_no_output(tmp_path):
     deadline = time.time() + 60
     while not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")] and time.time() < deadline:
         time.sleep(0.01)
-    time.sleep(0.2)   # well into the conversion
+    time.sleep(0.1)   # into the conversion
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
