@@ -416,9 +416,12 @@ class LeRobotReader:
             self.info = json.load(f)
         version = str(self.info.get("codebase_version", "(none)"))
         if version != LEROBOT_VERSION:
+            first = ("; it goes to v2.1 first with python -m lerobot.datasets.v21.convert_dataset_v20_to_v21"
+                     if version.startswith(("v1", "v2.0")) else "")
             raise UserError(f"{info_path}: codebase_version {version}; this tool reads LeRobot {LEROBOT_VERSION}. "
-                            "Convert the dataset first with LeRobot's converter: python -m "
-                            "lerobot.datasets.v30.convert_dataset_v21_to_v30 --repo-id=<your dataset>")
+                            "Convert the dataset with LeRobot's converter: python -m "
+                            "lerobot.datasets.v30.convert_dataset_v21_to_v30 --repo-id=<your dataset> (the module is "
+                            f"lerobot.scripts.convert_dataset_v21_to_v30 in newer LeRobot releases){first}")
         features = self.info.get("features", {})
         self.cameras = tuple(self._feature_name(c, features) for c in (cameras or DEFAULT_CAMERAS["lerobot"]))
         self.joint_keys = tuple(self._feature_name(k, features) for k in (joint_keys or DEFAULT_JOINT_KEYS["lerobot"]))

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import create_dataset
+import main_multimodal
 from algos import hdf5_format
 from conftest import ENV, ROOT, TINY_TRAIN, run_cli, write_dataset
 from importer_inputs import (CAMERA_COLOURS, shade, write_aloha_episode, write_aloha_folder, write_lerobot,
@@ -165,9 +166,9 @@ def test_converted_files_train(tmp_path, fmt):
         source = ["--from_lerobot", write_lerobot(tmp_path / "l", lengths=(6, 9, 7, 8), files=((0, 1), (2, 3)))]
     res, out = convert(tmp_path, *source)
     assert res.returncode == 0, res.stderr
-    train = run_cli("main_multimodal.py", "--hdf5_path", out, "--log_dir", tmp_path / "results", "--ExpID", fmt,
-                    *TINY_TRAIN, "--max_timesteps", 2, "--eval_freq", 2, cwd=tmp_path)
-    assert train.returncode == 0, train.stderr
+    code = main_multimodal.main(["--hdf5_path", str(out), "--log_dir", str(tmp_path / "results"), "--ExpID", fmt,
+                                 *TINY_TRAIN, "--max_timesteps", "2", "--eval_freq", "2"])
+    assert code == 0
     assert os.path.exists(tmp_path / "results" / f"Exp{fmt}" / "multimodal_robot" / "model_final.pth")
 
 
