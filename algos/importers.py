@@ -124,6 +124,9 @@ def convert(reader, output, image_size, success_episodes=None, progress=True):
     sources, lengths = reader.sources, reader.lengths
     if not sources:
         raise UserError(f"{reader.path}: no episodes found")
+    empty = [source for source, length in zip(sources, lengths) if length < 1]
+    if empty:
+        raise UserError(f"{reader.path}: episode(s) without rows: {', '.join(empty)}")
     labelled = parse_success_episodes(success_episodes, sources) if success_episodes is not None else None
     if labelled is not None:
         reward_rule = (f"success labelled by --success_episodes ({len(labelled)} of {len(sources)} episodes): reward 1 "
@@ -163,13 +166,21 @@ def convert(reader, output, image_size, success_episodes=None, progress=True):
         bar.close()
         writer.abort()
         raise
-    return inspect_hdf5(output), assumptions
+    summary = inspect_hdf5(output)
+    if not summary.ok:   # e.g. NaN in the input's joints: a file training would refuse is not left behind
+        os.remove(output)
+        raise UserError(f"{reader.path}: the converted data does not validate, nothing was written:\n"
+                        + "\n".join(f"  - {p}" for p in summary.problems))
+    return summary, assumptions
 
 
 def _episode_rows(reader, index, image_size, labelled, stop):
     """One episode in the file's keys (resized views, rewards, the episode's end) and its labels."""
     source, length = reader.sources[index], reader.lengths[index]
     episode = reader.read(index)
+    for key, value in (("joint", episode.joint), ("actions", episode.actions), ("rewards", episode.rewards)):
+        if value is not None and len(value) != length:
+            raise UserError(f"{reader.path}: {source}: {key} has {len(value)} rows, the episode has {length}")
     success = None if labelled is None else index in labelled
     rewards, success = episode_outcome(episode.rewards, success, length)
     rows = {"joint": episode.joint, "actions": episode.actions, "rewards": rewards,
@@ -182,9 +193,9 @@ def _episode_rows(reader, index, image_size, labelled, stop):
                 raise KeyboardInterrupt
             blocks.append(resize_block(block, image_size))
         rows[view] = np.concatenate(blocks) if blocks else np.zeros((0, *image_size, 3), np.uint8)
-    for key, value in rows.items():
-        if len(value) != length:
-            raise UserError(f"{reader.path}: {source}: {key} has {len(value)} rows, the episode has {length}")
+        if len(rows[view]) != length:
+            raise UserError(f"{reader.path}: {source}: camera {reader.cameras[view_index]!r} has "
+                            f"{len(rows[view])} frames, the episode has {length} rows")
     return rows, episode.labels
 
 

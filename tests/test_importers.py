@@ -129,6 +129,10 @@ def test_robomimic_bad_mapping_names_the_file_key_and_what_it_has(tmp_path):
     assert_refused(res, out, "--success_episodes: demo_9 name no episode")
     res, out = convert(tmp_path, "--from_robomimic", tmp_path / "missing.hdf5")
     assert_refused(res, out, "missing.hdf5: no such file")
+    with h5py.File(data, "r+") as f:
+        f["data/demo_1/obs/robot0_joint_pos"][3, 0] = np.nan
+    res, out = convert(tmp_path, "--from_robomimic", data)
+    assert_refused(res, out, "does not validate", "observations/joint: contains NaN or Inf in 1 row(s) (first at row 11)")
 
 
 def test_lerobot_v3_episodes_are_found_in_shared_files_by_from_timestamp(tmp_path):
