@@ -256,6 +256,9 @@ def _inspect_open_file(f, summary, check_values):
 def _inspect_episode_table(f, ends, summary):
     """The per-episode table must describe the episodes the flags delimit, one row each."""
     table = f[EPISODES_GROUP]
+    if not isinstance(table, h5py.Group):
+        summary.problems.append(f"{EPISODES_GROUP}: is a dataset, expected a group of per-episode labels")
+        return
     lengths = np.diff(np.concatenate([[0], np.flatnonzero(ends) + 1]))
     if "length" not in table:
         summary.problems.append(f"{EPISODES_GROUP}/length: missing (the table's rows cannot be matched to episodes)")
