@@ -413,7 +413,8 @@ def _lerobot_modules():
 
 class LeRobotReader:
     """A local LeRobot v3.0 dataset: episodes located through meta/episodes, frames decoded from
-    the shared mp4 files starting at each episode's ``from_timestamp``."""
+    the shared mp4 files starting at each episode's ``from_timestamp`` (cameras of dtype
+    'video'), or from the encoded images in the data files' rows (dtype 'image')."""
 
     format = "lerobot"
 
@@ -438,9 +439,11 @@ class LeRobotReader:
         self.joint_keys = tuple(self._feature_name(k, features) for k in (joint_keys or DEFAULT_JOINT_KEYS["lerobot"]))
         _missing(info_path, "feature", self.cameras + self.joint_keys + ("action",), features)
         for camera in self.cameras:
-            if features[camera].get("dtype") != "video":
+            if features[camera].get("dtype") not in ("video", "image"):
                 raise UserError(f"{info_path}: feature {camera!r} has dtype {features[camera].get('dtype')!r}; "
-                                "cameras are read from videos (dtype 'video')")
+                                "a camera is a 'video' or an 'image' feature")
+        # 'image' features are encoded images in the data files' rows; 'video' ones live in the mp4 files
+        self.image_cameras = {c for c in self.cameras if features[c]["dtype"] == "image"}
         self.joint_dim = sum(int(np.prod(features[k]["shape"])) for k in self.joint_keys)
         self.action_dim = int(np.prod(features["action"]["shape"]))
         self.has_rewards = LEROBOT_REWARD_KEY in features
@@ -448,7 +451,8 @@ class LeRobotReader:
         if not files:
             raise UserError(f"{self.path}: no meta/episodes/*/*.parquet files")
         columns = ["episode_index", "length", "data/chunk_index", "data/file_index"] + [
-            f"videos/{c}/{k}" for c in self.cameras for k in ("chunk_index", "file_index", "from_timestamp")]
+            f"videos/{c}/{k}" for c in set(self.cameras) - self.image_cameras
+            for k in ("chunk_index", "file_index", "from_timestamp")]
         rows = []
         for path in files:
             have = self.pq.read_schema(path).names
@@ -473,7 +477,8 @@ class LeRobotReader:
         episode = self.episodes[index]
         data_path = os.path.join(self.path, self.info["data_path"].format(
             chunk_index=episode["data/chunk_index"], file_index=episode["data/file_index"]))
-        columns = list(self.joint_keys) + ["action"] + ([LEROBOT_REWARD_KEY] if self.has_rewards else [])
+        columns = list(self.joint_keys) + ["action"] + ([LEROBOT_REWARD_KEY] if self.has_rewards else []) + sorted(
+            self.image_cameras)
         if not os.path.isfile(data_path):
             raise UserError(f"{data_path}: missing (episode {episode['episode_index']}'s data file)")
         table = self.pq.read_table(data_path, columns=columns + ["episode_index", "frame_index"],
@@ -488,6 +493,12 @@ class LeRobotReader:
 
         def frames(view_index, size):
             camera = self.cameras[view_index]
+            if camera in self.image_cameras:
+                images = table[camera].to_pylist()
+                for start in range(0, len(images), FRAME_BLOCK):
+                    yield np.stack([_decode_image(data_path, camera, image["bytes"])
+                                    for image in images[start:start + FRAME_BLOCK]])
+                return
             video = os.path.join(self.path, self.info["video_path"].format(
                 video_key=camera, chunk_index=episode[f"videos/{camera}/chunk_index"],
                 file_index=episode[f"videos/{camera}/file_index"]))
@@ -503,21 +514,32 @@ class LeRobotReader:
             container = self.av.open(video)
         except self.av.error.FFmpegError as exc:
             raise UserError(f"{video}: cannot be read as a video ({exc})") from None
-        with container:
-            stream = container.streams.video[0]
-            container.seek(int(start / stream.time_base), stream=stream, backward=True, any_frame=False)
-            block, done = [], 0
-            for frame in container.decode(stream):
-                if frame.time is not None and frame.time < start - 0.5 / self.fps:
-                    continue   # frames before the episode, from the key frame the seek landed on
-                block.append(frame.to_ndarray(format="rgb24"))
-                done += 1
-                if len(block) == FRAME_BLOCK or done == length:
-                    yield np.stack(block)
-                    block = []
-                if done == length:
-                    return
+        block, done = [], 0
+        try:
+            with container:
+                stream = container.streams.video[0]
+                container.seek(int(start / stream.time_base), stream=stream, backward=True, any_frame=False)
+                for frame in container.decode(stream):
+                    if frame.time is not None and frame.time < start - 0.5 / self.fps:
+                        continue   # frames before the episode, from the key frame the seek landed on
+                    block.append(frame.to_ndarray(format="rgb24"))
+                    done += 1
+                    if len(block) == FRAME_BLOCK or done == length:
+                        yield np.stack(block)
+                        block = []
+                    if done == length:
+                        return
+        except self.av.error.FFmpegError as exc:
+            raise UserError(f"{video}: cannot be decoded after {done} of the episode's frames ({exc})") from None
         raise UserError(f"{video}: ended after {done} of the episode's {length} frames from {start:.3f} s")
+
+
+def _decode_image(path, key, data):
+    """One encoded image (PNG, JPEG) -> uint8 RGB [H, W, 3]."""
+    try:
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    except (OSError, ValueError, TypeError) as exc:
+        raise UserError(f"{path}: {key}: a frame is not an image ({exc})") from None
 
 
 def make_reader(fmt, source, cameras=None, joint_keys=None, channel_order="rgb"):

@@ -133,17 +133,24 @@ LEROBOT_CAMERAS = {"observation.images.cam_left_wrist": "left", "observation.ima
                    "observation.images.cam_high": "global"}
 
 
+LEROBOT_VIDEO_OPTIONS = {"g": "2", "crf": "30", "preset": "12"}   # LeRobot's defaults for its AV1 encoder
+
+
 def write_lerobot(root, lengths=(6, 9, 7), files=((0, 1), (2,)), size=(48, 64), fps=10, version="v3.0",
-                  rewards=True):
+                  rewards=True, image_cameras=()):
     """A LeRobot v3.0 dataset as LeRobot writes it: episodes packed into shared parquet and mp4
-    files (``files`` groups the episode indices per file), located through meta/episodes."""
+    files (``files`` groups the episode indices per file), located through meta/episodes;
+    videos in AV1 (libsvtav1, yuv420p). Cameras in ``image_cameras`` are 'image' features
+    instead: PNG bytes in the data files' rows."""
     import av
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     features = {key: {"dtype": "video", "shape": [*size, 3], "names": ["height", "width", "channels"],
-                      "info": {"video.fps": fps, "video.codec": "h264", "video.pix_fmt": "yuv420p"}}
+                      "info": {"video.fps": fps, "video.codec": "av1", "video.pix_fmt": "yuv420p"}}
                 for key in LEROBOT_CAMERAS}
+    for key in image_cameras:
+        features[key] = {"dtype": "image", "shape": [*size, 3], "names": ["height", "width", "channels"]}
     features.update({
         "observation.state": {"dtype": "float32", "shape": [14], "names": None},
         "action": {"dtype": "float32", "shape": [14], "names": None},
@@ -168,15 +175,22 @@ def write_lerobot(root, lengths=(6, 9, 7), files=((0, 1), (2,)), size=(48, 64), 
     episode_rows = []
     for file_index, episodes in enumerate(files):
         columns = {k: [] for k in ("observation.state", "action", "timestamp", "frame_index", "episode_index",
-                                   "index", "task_index", "next.reward")}
+                                   "index", "task_index", "next.reward", *image_cameras)}
         seconds = 0.0
         for cam, view in LEROBOT_CAMERAS.items():
+            if cam in image_cameras:
+                for e in episodes:
+                    for frame in camera_frames(view, int(starts[e]), lengths[e], size):
+                        png = io.BytesIO()
+                        Image.fromarray(frame).save(png, "PNG")
+                        columns[cam].append({"bytes": png.getvalue(), "path": None})
+                continue
             path = os.path.join(root, info["video_path"].format(video_key=cam, chunk_index=0, file_index=file_index))
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with av.open(path, "w") as container:
-                stream = container.add_stream("libx264", rate=fps)
+                stream = container.add_stream("libsvtav1", rate=fps)
                 stream.height, stream.width, stream.pix_fmt = size[0], size[1], "yuv420p"
-                stream.options = {"g": "4", "crf": "18"}
+                stream.options = LEROBOT_VIDEO_OPTIONS
                 for e in episodes:
                     for frame in camera_frames(view, int(starts[e]), lengths[e], size):
                         container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
@@ -197,16 +211,17 @@ def write_lerobot(root, lengths=(6, 9, 7), files=((0, 1), (2,)), size=(48, 64), 
             row = {"episode_index": e, "tasks": ["transfer the cube"], "length": n, "data/chunk_index": 0,
                    "data/file_index": file_index, "dataset_from_index": int(starts[e]),
                    "dataset_to_index": int(starts[e]) + n}
-            for cam in LEROBOT_CAMERAS:
+            for cam in set(LEROBOT_CAMERAS) - set(image_cameras):
                 row.update({f"videos/{cam}/chunk_index": 0, f"videos/{cam}/file_index": file_index,
                             f"videos/{cam}/from_timestamp": seconds, f"videos/{cam}/to_timestamp": seconds + n / fps})
             seconds += n / fps
             episode_rows.append(row)
         if not rewards:
             del columns["next.reward"]
-        table = pa.table({k: pa.array(v, pa.list_(pa.float32())) if k in ("observation.state", "action")
-                          else pa.array(v, pa.float32() if k in ("timestamp", "next.reward") else pa.int64())
-                          for k, v in columns.items()})
+        types = {"observation.state": pa.list_(pa.float32()), "action": pa.list_(pa.float32()),
+                 "timestamp": pa.float32(), "next.reward": pa.float32(),
+                 **{cam: pa.struct([("bytes", pa.binary()), ("path", pa.string())]) for cam in image_cameras}}
+        table = pa.table({k: pa.array(v, types.get(k, pa.int64())) for k, v in columns.items()})
         data_path = os.path.join(root, info["data_path"].format(chunk_index=0, file_index=file_index))
         os.makedirs(os.path.dirname(data_path), exist_ok=True)
         pq.write_table(table, data_path)

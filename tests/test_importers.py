@@ -135,9 +135,10 @@ def test_robomimic_bad_mapping_names_the_file_key_and_what_it_has(tmp_path):
     assert_refused(res, out, "does not validate", "observations/joint: contains NaN or Inf in 1 row(s) (first at row 11)")
 
 
-def test_lerobot_v3_episodes_are_found_in_shared_files_by_from_timestamp(tmp_path):
+@pytest.mark.parametrize("image_cameras", [(), ("observation.images.cam_right_wrist",)], ids=["videos", "images"])
+def test_lerobot_v3_episodes_are_found_in_shared_files_by_from_timestamp(tmp_path, image_cameras):
     pytest.importorskip("av")
-    root = write_lerobot(tmp_path / "lerobot", lengths=(6, 9, 7), files=((0, 1), (2,)))
+    root = write_lerobot(tmp_path / "lerobot", lengths=(6, 9, 7), files=((0, 1), (2,)), image_cameras=image_cameras)
     res, out = convert(tmp_path, "--from_lerobot", root, "--cameras", "cam_left_wrist", "cam_right_wrist", "cam_high")
     assert res.returncode == 0, res.stderr
     summary = hdf5_format.inspect_hdf5(out)
