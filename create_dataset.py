@@ -5,8 +5,7 @@
     python create_dataset.py --create_sample --variant reach_wrong40 --output dev1.hdf5 --image_size 32
     python create_dataset.py --validate --hdf5_path your_data.hdf5
     python create_dataset.py --from_aloha aloha_episodes/ --output aloha.hdf5 --success_episodes all
-    python create_dataset.py --from_robomimic image.hdf5 --output can.hdf5 --cameras robot0_eye_in_hand_image \
-        robot0_eye_in_hand_image agentview_image
+    python create_dataset.py --from_robomimic image.hdf5 --output can.hdf5 --joint_keys robot0_eef_pos robot0_gripper_qpos
     python create_dataset.py --from_lerobot ~/lerobot_data/aloha_sim --output sim.hdf5
     python create_dataset.py --preview --hdf5_path aloha.hdf5 --out sheet.png
 
@@ -15,6 +14,7 @@ mix of operators. --task, --mix, --reward and --max_episode_steps given with it 
 the variant's own; the file's attributes name the variant and its split (dev or test).
 """
 import argparse
+import os
 import sys
 
 from algos import importers, preview, simulator
@@ -116,7 +116,7 @@ def run(parser, args, size):
     if args.preview:
         if not args.hdf5_path:
             parser.error("--preview needs --hdf5_path FILE")
-        out = args.out or str(args.hdf5_path).rsplit(".", 1)[0] + ".png"
+        out = args.out or os.path.splitext(str(args.hdf5_path))[0] + ".png"
         print(preview.preview(args.hdf5_path, out, args.preview_episodes, args.preview_frames))
         return 0
     if args.list_variants:
