@@ -119,6 +119,12 @@ def test_robomimic_keeps_filter_keys_as_labels_and_its_own_rewards(tmp_path):
     res, out = convert(tmp_path, "--from_robomimic", data, "--success_episodes", "all", out="all.hdf5")
     with h5py.File(out) as f:
         assert f["terminals"][:].sum() == 4 and f["rewards"][:].sum() == 4
+    listed = tmp_path / "successes.txt"
+    listed.write_text("demo_1\n3\n")
+    res, out = convert(tmp_path, "--from_robomimic", data, "--success_episodes", listed, out="listed.hdf5")
+    with h5py.File(out) as f:
+        assert f["episodes/success"][:].tolist() == [False, True, False, True]
+        assert f["rewards"][:].nonzero()[0].tolist() == [17, 32]
 
 
 def test_robomimic_bad_mapping_names_the_file_key_and_what_it_has(tmp_path):
