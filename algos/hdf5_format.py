@@ -33,6 +33,7 @@ JOINT_KEY = "joint"
 REQUIRED_KEYS = tuple(f"observations/{k}" for k in IMAGE_KEYS + (JOINT_KEY,)) + ("actions", "rewards", "terminals")
 OPTIONAL_KEYS = ("timeouts",)
 EPISODES_GROUP = "episodes"   # per-episode table: length and labels (source, operator, success, ...)
+COUNTED_LABELS = ("operator", "success", "filter_keys")   # labels --validate counts; a source is one per episode
 FLOAT_KEYS = ("observations/joint", "actions", "rewards")
 FLAG_KEYS = ("terminals", "timeouts")
 READ_ROWS = 2048          # rows per HDF5 read: large slices, bounded temporary memory
@@ -280,9 +281,6 @@ def _inspect_episode_table(f, ends, summary):
             summary.label_counts[name] = {v: values.count(v) for v in sorted(set(values))}
 
 
-COUNTED_LABELS = ("operator", "success", "filter_keys")   # labels --validate counts; source is one per episode
-
-
 def _label_text(value):
     if isinstance(value, bytes):
         return value.decode()
@@ -291,20 +289,25 @@ def _label_text(value):
     return str(value)
 
 
-def read_episode_labels(f, n_episodes):
-    """{label: list of strings, one per episode} from the episodes table, else from the simulator's
-    per-row ``behaviour`` key (as ``operator``); {} when the file has neither."""
+def episode_ends(f):
+    """Bool [N] of an open, valid file: true at the last row of each episode (the file's last row included)."""
+    ends = np.asarray(f["terminals"][:]).astype(bool)
+    if "timeouts" in f:
+        ends |= np.asarray(f["timeouts"][:]).astype(bool)
+    ends[-1] = True
+    return ends
+
+
+def read_episode_labels(f):
+    """{label: list of strings, one per episode} of an open, valid file: the episodes table, else
+    the simulator's per-row ``behaviour`` key (as ``operator``); {} when the file has neither."""
     if EPISODES_GROUP in f:
         table = f[EPISODES_GROUP]
         return {name: [_label_text(v) for v in table[name][:]] for name in table if name != "length"}
     if "behaviour" in f and "behaviour_names" in f.attrs:
         names = json.loads(f.attrs["behaviour_names"])
-        ends = np.asarray(f["terminals"][:]).astype(bool)
-        if "timeouts" in f:
-            ends |= np.asarray(f["timeouts"][:]).astype(bool)
-        ends[-1] = True
-        starts = np.concatenate([[0], np.flatnonzero(ends)[:-1] + 1])
-        return {"operator": [names[int(b)] for b in np.asarray(f["behaviour"][:])[starts]][:n_episodes]}
+        starts = np.concatenate([[0], np.flatnonzero(episode_ends(f))[:-1] + 1])
+        return {"operator": [names[int(b)] for b in np.asarray(f["behaviour"][:])[starts]]}
     return {}
 
 

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 
 from algos.experiment import UserError, atomic_write
-from algos.hdf5_format import IMAGE_KEYS, inspect_hdf5, read_episode_labels
+from algos.hdf5_format import IMAGE_KEYS, episode_ends, inspect_hdf5, read_episode_labels
 
 DEFAULT_EPISODES = 4
 DEFAULT_FRAMES = 5
@@ -23,13 +23,11 @@ PANEL_INCHES = 1.1   # height of a panel on the sheet
 def episode_table(f):
     """One dict per episode: start, length, return, end ('terminal' or 'timeout'), success, labels."""
     terminals = np.asarray(f["terminals"][:]).astype(bool)
-    ends = terminals | (np.asarray(f["timeouts"][:]).astype(bool) if "timeouts" in f else False)
-    ends[-1] = True
-    stops = np.flatnonzero(ends) + 1
+    stops = np.flatnonzero(episode_ends(f)) + 1
     starts = np.concatenate([[0], stops[:-1]])
     rewards = np.asarray(f["rewards"][:], np.float64).reshape(-1)
     returns = np.add.reduceat(rewards, starts)
-    labels = read_episode_labels(f, len(starts))
+    labels = read_episode_labels(f)
     table = []
     for i, (start, stop) in enumerate(zip(starts, stops)):
         episode_labels = {name: values[i] for name, values in labels.items()}
@@ -108,7 +106,7 @@ def preview(path, out, n_episodes=DEFAULT_EPISODES, n_frames=DEFAULT_FRAMES):
         raise UserError("--preview_episodes and --preview_frames must be at least 1")
     with h5py.File(path, "r") as f:
         table = episode_table(f)
-        source = "the file's success labels" if "success" in read_episode_labels(f, len(table)) else \
+        source = "the file's success labels" if "success" in read_episode_labels(f) else \
             "episodes ending in a terminal"
         shown = contact_sheet(f, table, out, n_episodes, n_frames)
     lines = statistics_lines(table, source)

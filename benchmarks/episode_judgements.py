@@ -59,9 +59,8 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     dataset = hdf5_format.load_dataset(args.data, progress=False)
-    episodes = utils.episode_ranges(dataset.terminals, dataset.timeouts)
     with h5py.File(args.data, "r") as f:
-        labels = hdf5_format.read_episode_labels(f, len(episodes))
+        labels = hdf5_format.read_episode_labels(f)
         recorded_order = json.loads(f.attrs.get("behaviour_names", "[]"))
     if "operator" not in labels:
         sys.exit(f"{args.data}: no operator labels (the per-row 'behaviour' key of create_dataset.py --create_sample, "
