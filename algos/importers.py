@@ -156,7 +156,11 @@ def convert(reader, output, image_size, success_episodes=None, progress=True):
     try:
         with StopFlag(stopping) as stop:
             for index, (source, length) in enumerate(zip(sources, lengths)):
-                rows, labels = _episode_rows(reader, index, image_size, labelled, stop)
+                try:
+                    rows, labels = _episode_rows(reader, index, image_size, labelled, stop)
+                except (OSError, KeyError) as exc:   # how h5py and pyarrow report an unreadable file
+                    raise UserError(f"{reader.path}: {source}: cannot be read (truncated or corrupt file?): "
+                                    f"{exc}") from None
                 writer.write(rows)
                 writer.add_episode(length, source=source, success=bool(rows["terminals"][-1]), **labels)
                 bar.update(length)
@@ -210,6 +214,16 @@ def _missing(path, what, wanted, have):
     if missing:
         raise UserError(f"{path}: {what} {', '.join(map(repr, missing))} not found; it has: "
                         f"{', '.join(sorted(have)) or '(nothing)'}")
+
+
+def _width(dset):
+    """Columns a low-dim dataset [T, ...] adds (1 for [T])."""
+    return int(np.prod(dset.shape[1:]))
+
+
+def _rows(dset):
+    """A low-dim dataset as float32 [T, width]."""
+    return np.asarray(dset, np.float32).reshape(dset.shape[0], -1)
 
 
 def _block_iter(dset, block=FRAME_BLOCK):
@@ -286,7 +300,7 @@ class AlohaReader:
                                 "(a name may repeat)")
             length = f["action"].shape[0]
             self.lengths.append(length)
-            widths = (sum(obs[k].shape[1] for k in self.joint_keys), f["action"].shape[1])
+            widths = (sum(_width(obs[k]) for k in self.joint_keys), _width(f["action"]))
             if len(self.lengths) == 1:
                 self.joint_dim, self.action_dim = widths
             elif widths != (self.joint_dim, self.action_dim):
@@ -306,8 +320,8 @@ class AlohaReader:
     def read(self, index):
         path = self.files[index]
         with h5py.File(path, "r") as f:
-            joint = np.concatenate([np.asarray(f["observations"][k], np.float32) for k in self.joint_keys], axis=1)
-            actions = np.asarray(f["action"], np.float32)
+            joint = np.concatenate([_rows(f["observations"][k]) for k in self.joint_keys], axis=1)
+            actions = _rows(f["action"])
 
         def frames(view_index, size):
             camera = self.cameras[view_index]
@@ -361,8 +375,8 @@ class RobomimicReader:
                 self.has_rewards &= "rewards" in group
             if self.demos:
                 first = f["data"][self.demos[0]]
-                self.joint_dim = sum(int(np.prod(first["obs"][k].shape[1:])) for k in self.joint_keys)
-                self.action_dim = first["actions"].shape[1]
+                self.joint_dim = sum(_width(first["obs"][k]) for k in self.joint_keys)
+                self.action_dim = _width(first["actions"])
             self.filter_keys = {}
             for key in f.get("mask", {}):
                 for demo in np.asarray(f["mask"][key][:]):
@@ -378,9 +392,8 @@ class RobomimicReader:
         demo = self.demos[index]
         with h5py.File(self.path, "r") as f:
             group = f["data"][demo]
-            joint = np.concatenate([np.asarray(group["obs"][k], np.float32).reshape(len(group["actions"]), -1)
-                                    for k in self.joint_keys], axis=1)
-            actions = np.asarray(group["actions"], np.float32)
+            joint = np.concatenate([_rows(group["obs"][k]) for k in self.joint_keys], axis=1)
+            actions = _rows(group["actions"])
             rewards = np.asarray(group["rewards"], np.float32) if "rewards" in group else None
         keys = sorted(self.filter_keys.get(demo, []))
         labels = {"operator": ",".join(k for k in keys if k in ROBOMIMIC_OPERATOR_KEYS), "filter_keys": ",".join(keys)}

@@ -217,6 +217,10 @@ def test_a_failed_or_interrupted_conversion_leaves_no_output(tmp_path):
         f["observations/images/cam_high"][...] = 7
     res, out = convert(tmp_path, "--from_aloha", folder)
     assert_refused(res, out, "episode_2.hdf5", "observations/images/cam_high", "not a JPEG")
+    whole = (folder / "episode_1.hdf5").read_bytes()
+    (folder / "episode_1.hdf5").write_bytes(whole[: len(whole) // 2])   # a copy cut short
+    res, out = convert(tmp_path, "--from_aloha", folder)
+    assert_refused(res, out, "episode_1.hdf5: not a readable HDF5 file")
 
     big = tmp_path / "big"   # one episode linked 300 times: a conversion of several seconds
     write_aloha_folder(big, n_episodes=1, length=25, size=(120, 160))
