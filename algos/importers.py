@@ -494,7 +494,9 @@ class LeRobotReader:
             self.image_cameras)
         if not os.path.isfile(data_path):
             raise UserError(f"{data_path}: missing (episode {episode['episode_index']}'s data file)")
-        table = self.pq.read_table(data_path, columns=columns + ["episode_index", "frame_index"],
+        columns += ["episode_index", "frame_index"]
+        _missing(data_path, "column", columns, self.pq.read_schema(data_path).names)
+        table = self.pq.read_table(data_path, columns=columns,
                                    filters=[("episode_index", "==", episode["episode_index"])])
         table = table.sort_by("frame_index")
 
