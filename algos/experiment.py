@@ -291,9 +291,11 @@ class StopFlag:
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    TRAINING = "stopping after the current step and saving a checkpoint (send it again to abort without saving)"
 
-    def __init__(self):
+    def __init__(self, what=TRAINING):
         self.signum = None
+        self.what = what   # what happens now, as the message after "SIGINT received: " says
         self._previous = {}
 
     def __enter__(self):
@@ -310,8 +312,7 @@ class StopFlag:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        tqdm.write(f"\n{signal.Signals(signum).name} received: stopping after the current step and saving a "
-                   "checkpoint (send it again to abort without saving)...")
+        tqdm.write(f"\n{signal.Signals(signum).name} received: {self.what}...")
 
     def __call__(self):
         return self.signum is not None

@@ -10,11 +10,14 @@ One HDF5 file, N transitions in time order, episodes back to back:
     rewards                    [N]          float
     terminals                  [N]          bool      true task end: no bootstrapping
     timeouts (optional)        [N]          bool      cut off by time: not a terminal, no bootstrapping
+    episodes/ (optional)       [E] per episode, in file order: length (int), and labels such as
+                               source, operator, success (strings or bools); written by the importers
 
 Images stay uint8 (N x 3 views x H x W x 3 bytes) in one array; a batch becomes float only
 on the training device, inside the encoder. The simulator and the dataset tools import
 this module without torch.
 """
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -29,6 +32,8 @@ IMAGE_KEYS = ("left_image", "right_image", "global_image")
 JOINT_KEY = "joint"
 REQUIRED_KEYS = tuple(f"observations/{k}" for k in IMAGE_KEYS + (JOINT_KEY,)) + ("actions", "rewards", "terminals")
 OPTIONAL_KEYS = ("timeouts",)
+EPISODES_GROUP = "episodes"   # per-episode table: length and labels (source, operator, success, ...)
+COUNTED_LABELS = ("operator", "success", "filter_keys")   # labels --validate counts; a source is one per episode
 FLOAT_KEYS = ("observations/joint", "actions", "rewards")
 FLAG_KEYS = ("terminals", "timeouts")
 READ_ROWS = 2048          # rows per HDF5 read: large slices, bounded temporary memory
@@ -58,6 +63,8 @@ class DatasetSummary:
     action_dim: int = None
     has_timeouts: bool = False
     attrs: dict = field(default_factory=dict)
+    n_episodes: int = None
+    label_counts: dict = field(default_factory=dict)   # {label: {value: episodes}} from the episodes table
 
     @property
     def ok(self):
@@ -66,7 +73,7 @@ class DatasetSummary:
 
 def _describe(obj):
     if isinstance(obj, h5py.Dataset):
-        dtype = "bool" if obj.dtype == np.bool_ else str(obj.dtype)
+        dtype = "bool" if obj.dtype == np.bool_ else "str" if h5py.check_string_dtype(obj.dtype) else str(obj.dtype)
         extra = ""
         if obj.compression:
             extra = f", {obj.compression}"
@@ -74,7 +81,7 @@ def _describe(obj):
     return None
 
 
-CANONICAL_ORDER = {"": ("observations", "actions", "rewards", "terminals", "timeouts"),
+CANONICAL_ORDER = {"": ("observations", "actions", "rewards", "terminals", "timeouts", EPISODES_GROUP),
                    "observations": IMAGE_KEYS + (JOINT_KEY,)}
 
 
@@ -87,7 +94,7 @@ def _tree_lines(group, prefix="  ", path=""):
         last = i == len(names) - 1
         branch, cont = ("└─ ", "   ") if last else ("├─ ", "│  ")
         obj = group.get(name, getclass=False)
-        note = "" if name in known else "  (not used for training)"
+        note = "" if name in known or path == EPISODES_GROUP else "  (not used for training)"
         if isinstance(obj, h5py.Group):
             lines.append(f"{prefix}{branch}{name}/{note}")
             lines.extend(_tree_lines(obj, prefix + cont, f"{path}/{name}".strip("/")))
@@ -241,6 +248,67 @@ def _inspect_open_file(f, summary, check_values):
     if not ends[-1]:
         summary.warnings.append("the last row ends no episode (terminals and timeouts are false there); "
                                 "it is treated as a timeout")
+    ends[-1] = True
+    summary.n_episodes = int(ends.sum())
+    if EPISODES_GROUP in f:
+        _inspect_episode_table(f, ends, summary)
+
+
+def _inspect_episode_table(f, ends, summary):
+    """The per-episode table must describe the episodes the flags delimit, one row each."""
+    table = f[EPISODES_GROUP]
+    if not isinstance(table, h5py.Group):
+        summary.problems.append(f"{EPISODES_GROUP}: is a dataset, expected a group of per-episode labels")
+        return
+    lengths = np.diff(np.concatenate([[0], np.flatnonzero(ends) + 1]))
+    if "length" not in table:
+        summary.problems.append(f"{EPISODES_GROUP}/length: missing (the table's rows cannot be matched to episodes)")
+        return
+    stored = np.asarray(table["length"][:])
+    if not np.array_equal(stored, lengths):
+        summary.problems.append(f"{EPISODES_GROUP}/length: {len(stored)} episode(s) summing to {int(stored.sum())} "
+                                f"rows, but terminals/timeouts delimit {len(lengths)} episode(s) of "
+                                f"{summary.n_rows} rows")
+        return
+    for name in table:
+        if name == "length":
+            continue
+        if table[name].shape != (len(lengths),):
+            summary.problems.append(f"{EPISODES_GROUP}/{name}: shape {table[name].shape}, expected ({len(lengths)},)")
+            continue
+        if name in COUNTED_LABELS:
+            values = [_label_text(v) for v in table[name][:]]
+            summary.label_counts[name] = {v: values.count(v) for v in sorted(set(values))}
+
+
+def _label_text(value):
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def episode_ends(f):
+    """Bool [N] of an open, valid file: true at the last row of each episode (the file's last row included)."""
+    ends = np.asarray(f["terminals"][:]).astype(bool)
+    if "timeouts" in f:
+        ends |= np.asarray(f["timeouts"][:]).astype(bool)
+    ends[-1] = True
+    return ends
+
+
+def read_episode_labels(f):
+    """{label: list of strings, one per episode} of an open, valid file: the episodes table, else
+    the simulator's per-row ``behaviour`` key (as ``operator``); {} when the file has neither."""
+    if EPISODES_GROUP in f:
+        table = f[EPISODES_GROUP]
+        return {name: [_label_text(v) for v in table[name][:]] for name in table if name != "length"}
+    if "behaviour" in f and "behaviour_names" in f.attrs:
+        names = json.loads(f.attrs["behaviour_names"])
+        starts = np.concatenate([[0], np.flatnonzero(episode_ends(f))[:-1] + 1])
+        return {"operator": [names[int(b)] for b in np.asarray(f["behaviour"][:])[starts]]}
+    return {}
 
 
 def _parent_exists(f, key):
@@ -257,6 +325,10 @@ def format_validation_report(summary):
         h, w = summary.image_shape
         lines.append(f"  rows: {summary.n_rows}, images: {h}x{w}, joint width: {summary.joint_dim}, "
                      f"action width: {summary.action_dim}, timeouts: {'yes' if summary.has_timeouts else 'no'}")
+        if summary.n_episodes is not None:
+            lines.append(f"  episodes: {summary.n_episodes}")
+        for label, counts in summary.label_counts.items():
+            lines.append(f"  episodes by {label}: " + ", ".join(f"{v or '(none)'} {n}" for v, n in counts.items()))
         for warning in summary.warnings:
             lines.append(f"  ! warning: {warning}")
         lines += ["", "✓ Dataset format is valid! (数据格式验证成功!)"]
@@ -337,29 +409,38 @@ class DatasetWriter:
     """Write a dataset of known size in the file format above, block by block.
 
     The file is written under a temporary name and renamed when complete, so an
-    interrupted write never leaves a half-written dataset at ``path``.
+    interrupted write never leaves a half-written dataset at ``path``. With ``chunk_rows``
+    every dataset is chunked by that many rows (the importers stream episode by episode);
+    ``add_episode`` records one row of the per-episode table (length and labels).
     """
 
-    def __init__(self, path, n_rows, image_shape, joint_dim, action_dim, attrs=None, extra_int_keys=()):
+    def __init__(self, path, n_rows, image_shape, joint_dim, action_dim, attrs=None, extra_int_keys=(),
+                 chunk_rows=None):
         self.path = str(path)
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
         self.tmp = temporary_path(self.path)
         self.file = h5py.File(self.tmp, "w")
         h, w = image_shape
+
+        def create(group, name, shape, dtype):
+            chunks = (min(chunk_rows, n_rows),) + shape[1:] if chunk_rows and n_rows else None
+            group.create_dataset(name, shape, dtype, chunks=chunks)
+
         obs = self.file.create_group("observations")
         for view in IMAGE_KEYS:
-            obs.create_dataset(view, (n_rows, h, w, 3), np.uint8)
-        obs.create_dataset(JOINT_KEY, (n_rows, joint_dim), np.float32)
-        self.file.create_dataset("actions", (n_rows, action_dim), np.float32)
-        self.file.create_dataset("rewards", (n_rows,), np.float32)
-        self.file.create_dataset("terminals", (n_rows,), bool)
-        self.file.create_dataset("timeouts", (n_rows,), bool)
+            create(obs, view, (n_rows, h, w, 3), np.uint8)
+        create(obs, JOINT_KEY, (n_rows, joint_dim), np.float32)
+        create(self.file, "actions", (n_rows, action_dim), np.float32)
+        create(self.file, "rewards", (n_rows,), np.float32)
+        create(self.file, "terminals", (n_rows,), bool)
+        create(self.file, "timeouts", (n_rows,), bool)
         for key in extra_int_keys:
-            self.file.create_dataset(key, (n_rows,), np.uint8)
+            create(self.file, key, (n_rows,), np.uint8)
         for k, v in (attrs or {}).items():
             self.file.attrs[k] = v
         self.n_rows, self.row = n_rows, 0
+        self.episodes = []   # rows of the per-episode table
 
     def write(self, block):
         """Append a dict of arrays (keys as in the file, images by view name) of equal length."""
@@ -370,10 +451,22 @@ class DatasetWriter:
             target[s] = value
         self.row += n
 
+    def add_episode(self, length, **labels):
+        """One row of the per-episode table: the episode's length and its labels (str or bool)."""
+        self.episodes.append(dict(length=int(length), **labels))
+
     def close(self):
         """Finish the file and move it into place."""
         if self.row != self.n_rows:
             raise RuntimeError(f"wrote {self.row} of {self.n_rows} rows")
+        if self.episodes:
+            table = self.file.create_group(EPISODES_GROUP)
+            for name in self.episodes[0]:
+                values = [episode[name] for episode in self.episodes]
+                if isinstance(values[0], str):
+                    table.create_dataset(name, data=values, dtype=h5py.string_dtype())
+                else:
+                    table.create_dataset(name, data=np.asarray(values))
         self.file.close()
         os.replace(self.tmp, self.path)
 

@@ -5,7 +5,8 @@
 For each checkpoint, the episode judgement the filter uses (A at an episode's first row:
 its n-step return against the value of its start) of every episode of the file, computed
 with that checkpoint's encoder and critic exactly as training computes it. Grouped by the
-file's per-row ``behaviour`` label (recorded by create_dataset.py) and by whether the
+file's operator label (the per-row ``behaviour`` of --create_sample, or an import's
+episodes/operator, e.g. robomimic's worse/okay/better) and by whether the
 episode is in the training split (the episodes the critic has fitted) or held out (never
 seen). A filter that generalises keeps the same operators on both; one that has fitted
 its own training episodes drifts on those only. Prints one table per checkpoint: per
@@ -59,12 +60,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     dataset = hdf5_format.load_dataset(args.data, progress=False)
     with h5py.File(args.data, "r") as f:
-        if "behaviour" not in f:
-            sys.exit(f"{args.data}: no per-row 'behaviour' key (record it with create_dataset.py --create_sample)")
-        behaviour = np.asarray(f["behaviour"][:])
-        names = json.loads(f.attrs["behaviour_names"])
-    episodes = utils.episode_ranges(dataset.terminals, dataset.timeouts)
-    episode_behaviour = np.array([names[behaviour[start]] for start, _ in episodes])
+        labels = hdf5_format.read_episode_labels(f)
+        recorded_order = json.loads(f.attrs.get("behaviour_names", "[]"))
+    if "operator" not in labels:
+        sys.exit(f"{args.data}: no operator labels (the per-row 'behaviour' key of create_dataset.py --create_sample, "
+                 "or episodes/operator of an import)")
+    episode_behaviour = np.array(labels["operator"])
+    names = recorded_order or sorted(set(labels["operator"]))
     report = {}
     buffer = None
     for path in args.checkpoints:
