@@ -39,7 +39,8 @@ def _number(value):
 def write_progress_plot(rows, path, title, best=None):
     """Plot progress.csv's ``rows`` (dicts) into ``path`` (PNG, written atomically): rollout
     score and return when the run has a simulator, held-out errors and training losses.
-    ``best`` ({"step", "metric"}) marks the step policy_best.pth comes from."""
+    ``best`` ({"step", "metric"}) marks the step policy_best.pth comes from. Returns the
+    titles of the panels drawn."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg   # no pyplot: no global backend
     from matplotlib.figure import Figure
 
@@ -84,6 +85,7 @@ def write_progress_plot(rows, path, title, best=None):
     fig.tight_layout()
     with atomic_write(path) as f:
         fig.savefig(f, format="png")
+    return [panel_title for panel_title, _, _ in panels]
 
 
 # --------------------------------------------------------------------------- TensorBoard
