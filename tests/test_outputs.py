@@ -150,7 +150,8 @@ left, right, global_ = obs["images"]
 torch.save(torch.stack([policy(left[i], right[i], global_[i], obs["joint"][i]) for i in range(3)]), "actions.pt")
 """
     env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-W", "error", "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                         text=True)   # -W error: the robot sees no warning either
     assert out.returncode == 0, out.stderr
     exported = torch.load(tmp_path / "actions.pt").numpy()
     assert exported.shape == expected.shape
