@@ -11,6 +11,7 @@ from select_action's action. Weights do not change the time: without --checkpoin
 freshly built policy is timed.
 """
 import argparse
+import importlib.util
 import os
 import sys
 import tempfile
@@ -24,15 +25,19 @@ from algos import algos_vae_multimodal as algos  # noqa: E402
 from algos.export import INPUT_NAMES, export_policy  # noqa: E402
 
 
-def timed(call, warmup, repeats):
+def timed(calls, warmup, repeats):
+    """Median and 90th percentile (ms) of each call, the calls taking turns so that a shared
+    machine's changing load falls on all of them alike."""
     for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t)
-    return 1000 * np.median(times), 1000 * np.percentile(times, 90)
+        for call in calls:
+            call()
+    times = np.zeros((repeats, len(calls)))
+    for r in range(repeats):
+        for i, call in enumerate(calls):
+            t = time.perf_counter()
+            call()
+            times[r, i] = time.perf_counter() - t
+    return 1000 * np.median(times, 0), 1000 * np.percentile(times, 90, 0)
 
 
 def main(argv=None):
@@ -52,18 +57,16 @@ def main(argv=None):
     joint = rng.normal(size=agent.joint_dim).astype(np.float32)
 
     reference = agent.select_action(*images, joint)
-    results = [("select_action (repository)", timed(lambda: agent.select_action(*images, joint), args.warmup,
-                                                    args.repeats), 0.0)]
+    rows = [("select_action (repository)", lambda: agent.select_action(*images, joint))]
     with tempfile.TemporaryDirectory() as tmp:
         export_policy(agent, os.path.join(tmp, "policy.pt2"))
         exported = torch.export.load(os.path.join(tmp, "policy.pt2")).module()
-        rows = []
 
         @torch.no_grad()
         def run_exported():
             return exported(*(torch.from_numpy(x) for x in images), torch.from_numpy(joint)).numpy()
         rows.append(("exported .pt2 (torch alone)", run_exported))
-        if all(__import__("importlib").util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime")):
+        if all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime")):
             import onnxruntime
             export_policy(agent, os.path.join(tmp, "policy.onnx"))
             options = onnxruntime.SessionOptions()
@@ -71,13 +74,12 @@ def main(argv=None):
             session = onnxruntime.InferenceSession(os.path.join(tmp, "policy.onnx"), options)
             feed = dict(zip(INPUT_NAMES, images + [joint]))
             rows.append(("ONNX (onnxruntime)", lambda: session.run(None, feed)[0]))
-
-        for name, call in rows:
-            results.append((name, timed(call, args.warmup, args.repeats), np.abs(np.asarray(call()) - reference).max()))
+        medians, p90s = timed([call for _, call in rows], args.warmup, args.repeats)
+        diffs = [np.abs(np.asarray(call()) - reference).max() for _, call in rows]
     print(f"{agent.algo} policy, {h}x{w} images, {agent.joint_dim} joints, batch 1, {args.threads} thread(s), "
-          f"torch {torch.__version__}, {args.repeats} calls after {args.warmup}")
+          f"torch {torch.__version__}, {args.repeats} calls each (taking turns) after {args.warmup}")
     print(f"{'':30s} {'median ms':>10s} {'p90 ms':>8s} {'max |a - select_action|':>24s}")
-    for name, (median, p90), diff in results:
+    for (name, _), median, p90, diff in zip(rows, medians, p90s, diffs):
         print(f"{name:30s} {median:10.2f} {p90:8.2f} {diff:24.2g}")
     return 0
 
