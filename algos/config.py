@@ -113,7 +113,7 @@ class TrainConfig:
     keep_last: int = setting(1, "model_{step}.pth checkpoints kept: the newest N, older ones deleted as new ones are "
                                 "written (0: keep all). model_final.pth and the acting files policy_best.pth and "
                                 "policy_final.pth are always kept; with 1, the built-in default run leaves one "
-                                "training checkpoint (about 0.55 GB) and two policy files (about 0.07 GB each)",
+                                "training checkpoint (about 0.57 GB) and two policy files (about 0.07 GB each)",
                          "run")
     tensorboard: bool = setting(False, "also write TensorBoard event files (the progress.csv scalars) to "
                                        "tensorboard/ in the run's folder; needs the tensorboard package", "run")
