@@ -110,5 +110,7 @@ def test_built_in_default_runs_with_no_arguments(tmp_path):
                   "--eval_episodes", 2, cwd=tmp_path, timeout=900)
     assert res.returncode == 0, res.stderr
     assert os.path.exists(tmp_path / "results" / "sample_data.hdf5")
-    rows = read_progress(tmp_path / "results" / "Exp0001" / "multimodal_robot")
+    folder = tmp_path / "results" / "Exp0001" / "multimodal_robot"
+    rows = read_progress(folder)
     assert all(float(r["AverageReturn"]) == float(r["AverageReturn"]) for r in rows)
+    assert {"progress.png", "policy_best.pth", "policy_final.pth", "model_final.pth"} <= set(os.listdir(folder))
