@@ -5,9 +5,10 @@
 
 --checkpoint takes a policy file or a training checkpoint. The simulator is the one the run
 evaluated in (recorded in its checkpoints), else the one its dataset's attributes name, else
---simulator. Episodes run on the seeds training evaluates on (1000000 + i), so 10 episodes of
-policy_best.pth repeat the evaluation that chose it (progress.csv's row at its step, up to the
-policy file's float16 weights). The video (.gif, or .mp4 with PyAV installed) shows the three
+--simulator. Episodes run on the seeds training evaluates on (1000000 + i), so --episodes 10
+repeats progress.csv's row of the checkpoint's step: exactly for a training checkpoint; for a
+policy file within the evaluation's noise, since its float16 weights can turn an episode
+another way. The video (.gif, or .mp4 with PyAV installed) shows the three
 camera views side by side, left wrist | right wrist | global, for the first --video_episodes
 episodes, one after another.
 """
