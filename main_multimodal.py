@@ -6,7 +6,9 @@
     python main_multimodal.py --hdf5_path data.hdf5 --ExpID 0002 --load_model 0001:25000 --max_timesteps 100000
 
 Results go to {log_dir}/Exp{ExpID}/multimodal_robot/: progress.csv (one row per
-evaluation), params.json, model_{step}.pth every save_freq, model_best.pth, model_final.pth.
+evaluation) and its plot progress.png, params.json, model_{step}.pth every save_freq (the
+newest --keep_last of them), model_final.pth (training checkpoints: resume, --load_model),
+policy_best.pth and policy_final.pth (acting only: deploy, export_policy.py, eval_policy.py).
 Every flag is a field of algos/config.py's TrainConfig, where its default lives. --resume
 and --load_model take the checkpoint's data, model and algorithm settings; a flag that
 contradicts them is an error (--load_model may name another --hdf5_path, split and seed).
@@ -25,7 +27,7 @@ from tqdm import tqdm
 
 from algos import algos_vae_multimodal as algos
 from algos import config as config_lib
-from algos import experiment, hdf5_format, simulator
+from algos import experiment, hdf5_format, outputs, simulator
 from algos import utils_multimodal as utils
 from algos.experiment import UserError
 
@@ -89,6 +91,8 @@ def human_time(seconds):
 # --------------------------------------------------------------------------- main
 def run(argv):
     config, explicit = parse_config(argv)
+    if config.tensorboard:
+        outputs.check_tensorboard()
     demo = config.hdf5_path is None
     if demo:
         config = config_lib.replace(config, hdf5_path=config_lib.DEMO_DATASET["hdf5_path"])
@@ -104,6 +108,10 @@ def run(argv):
         ckpt = None
         if ckpt_path:
             ckpt = algos.read_checkpoint(ckpt_path)
+            if ckpt["kind"] == algos.POLICY:
+                raise UserError(f"{ckpt_path} is a policy file: it holds only what acting needs (no critic, "
+                                "optimisers or random state); continue from a training checkpoint "
+                                "(model_{step}.pth, model_final.pth)")
             config = with_checkpoint_settings(config, explicit, ckpt["config"], ckpt_path, continuing)
         if demo and not os.path.exists(config.hdf5_path):
             d = config_lib.DEMO_DATASET
@@ -154,7 +162,7 @@ def make_buffer(config, device, ckpt=None, ckpt_path=None):
 
 
 def make_evaluator(config, buffer, agent):
-    """Rollouts in the dataset's simulator when there is one, and what model_best is chosen by."""
+    """Rollouts in the dataset's simulator when there is one, and what policy_best is chosen by."""
     sim_spec = None
     if config.simulator and config.simulator.lower() != "none":
         sim_spec = (config.simulator, {})
@@ -180,7 +188,7 @@ def train(config, argv, folder, ckpt, ckpt_path, continuing):
     buffer = make_buffer(config, device, ckpt, ckpt_path)
     agent = algos.make_agent(config, replay_buffer=buffer, device=device)
     progress = experiment.ProgressLog(os.path.join(folder, "progress.csv"))
-    best = None   # {"value", "step", "metric"} of model_best
+    best = None   # {"value", "step", "metric"} of policy_best
     evaluator, criterion = make_evaluator(config, buffer, agent)
     if ckpt:
         if ckpt["algo"] != config.algo:
@@ -211,32 +219,55 @@ def train(config, argv, folder, ckpt, ckpt_path, continuing):
     print(f"Experiment {config.ExpID} [{config.algo}] on {device}: {buffer.n_rows} transitions "
           f"({buffer.n_train_episodes} train / {buffer.n_test_episodes} test episodes), images "
           f"{buffer.image_shape[0]}x{buffer.image_shape[1]}, joint {buffer.joint_dim}, action {buffer.action_dim}; "
-          f"model_best by {criterion[0]} ({'rollouts in ' + evaluator.name if evaluator else 'held-out split'})")
+          f"policy_best by {criterion[0]} ({'rollouts in ' + evaluator.name if evaluator else 'held-out split'})")
     print(f"Results: {folder}")
 
+    # on resume, events after the checkpoint's step go, as progress.csv's rows did
+    tensorboard = (outputs.TensorBoardLog(os.path.join(folder, "tensorboard"),
+                                          purge_step=agent.total_it + 1 if continuing else None)
+                   if config.tensorboard else None)
     start_step, t_run = agent.total_it, time.time()
-    with experiment.StopFlag() as stop:
-        last_row, best = train_loop(agent, config, folder, progress, evaluator, criterion, best, stop)
+    try:
+        with experiment.StopFlag() as stop:
+            last_row, best, last_saved = train_loop(agent, config, folder, progress, evaluator, criterion, best,
+                                                    stop, tensorboard)
+    finally:
+        if tensorboard is not None:
+            tensorboard.close()
     elapsed, steps_done = time.time() - t_run, agent.total_it - start_step
     if stop():
         print(f"\nStopped at step {agent.total_it} ({signal.Signals(stop.signum).name}). "
               f"Checkpoint: {os.path.join(folder, f'model_{agent.total_it}.pth')}\n"
               f"Resume with:\n  {experiment.resume_command(argv, config.ExpID)}")
         return 128 + stop.signum
-    agent.save("model_final", folder, extra={"best": best})
+    extra = checkpoint_extra(best, evaluator)
+    # the model_{step}.pth this run saved at its last step holds the same: a second name, not a second copy
+    same = last_saved if last_saved and experiment.checkpoint_step(last_saved) == agent.total_it else None
+    if not (same and experiment.link_atomic(same, os.path.join(folder, "model_final.pth"))):
+        agent.save("model_final", folder, extra=extra)
+    agent.save("policy_final", folder, extra=extra, policy_only=True)
     print(f"\nDone: {steps_done} steps in {human_time(elapsed)} ({steps_done / max(elapsed, 1e-9):.2f} steps/s).")
     if last_row is not None:
         print("Last evaluation: " + _row_summary(last_row, criterion[0]))
     if best is not None:
-        print(f"Best {best['metric']}: {best['value']:.4g} at step {best['step']} -> {os.path.join(folder, 'model_best.pth')}")
-    print(f"Results in {folder}/ (progress.csv, params.json, model_*.pth)")
+        print(f"Best {best['metric']}: {best['value']:.4g} at step {best['step']} -> "
+              f"{os.path.join(folder, 'policy_best.pth')}")
+    print(f"Results in {folder}/ (progress.csv, progress.png, params.json, model_final.pth to resume, "
+          "policy_best.pth and policy_final.pth to deploy)")
     return 0
 
 
-def train_loop(agent, config, folder, progress, evaluator, criterion, best, stop):
-    """Train in chunks up to the next evaluation or checkpoint; evaluate, log, save. Returns
-    the last progress row and the best record."""
-    loss_sums, loss_steps, last_row = {}, 0, None
+def checkpoint_extra(best, evaluator):
+    """What a checkpoint records besides the networks: the best record (resume goes on with
+    it) and the simulator the run evaluated in (eval_policy.py rolls out in it)."""
+    return {"best": best, "simulator": {"name": evaluator.name, "config": evaluator.config} if evaluator else None}
+
+
+def train_loop(agent, config, folder, progress, evaluator, criterion, best, stop, tensorboard=None):
+    """Train in chunks up to the next evaluation or checkpoint; evaluate, log, plot, save.
+    Returns the last progress row, the best record and the last model_{step}.pth written."""
+    loss_sums, loss_steps, last_row, last_saved = {}, 0, None, None
+    title = f"Exp{config.ExpID} {config.algo} on {os.path.basename(config.hdf5_path)}"
     t_start = t_row = time.time()
     steps_row = agent.total_it
     pbar = tqdm(total=config.max_timesteps, initial=agent.total_it, desc=f"Exp{config.ExpID} {config.algo}",
@@ -276,14 +307,18 @@ def train_loop(agent, config, folder, progress, evaluator, criterion, best, stop
                 if value is not None and np.isfinite(value) and (
                         best is None or (value > best["value"] if criterion[1] == "max" else value < best["value"])):
                     best = {"value": float(value), "step": step, "metric": criterion[0]}
-                    agent.save("model_best", folder, extra={"best": best})
+                    agent.save("policy_best", folder, extra=checkpoint_extra(best, evaluator), policy_only=True)
+                outputs.write_progress_plot(progress.rows(), os.path.join(folder, "progress.png"), title, best)
+                if tensorboard is not None:
+                    tensorboard.write(row)
                 pbar.write(_row_summary(row, criterion[0]))
                 t_row, steps_row = time.time(), step
             if step % config.save_freq == 0 or interrupted:
-                agent.save(f"model_{step}", folder, extra={"best": best})
+                last_saved = agent.save(f"model_{step}", folder, extra=checkpoint_extra(best, evaluator))
+                experiment.prune_step_checkpoints(folder, config.keep_last, step)
             if interrupted:
                 break
-    return last_row, best
+    return last_row, best, last_saved
 
 
 def _row_summary(row, criterion):

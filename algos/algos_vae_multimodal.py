@@ -56,6 +56,13 @@ from algos.utils_multimodal import Normalization
 # Version of the checkpoint layout; a checkpoint of another version is refused by name.
 # 2: the whole TrainConfig (data settings included) and the dataset's shapes.
 CHECKPOINT_FORMAT = 2
+# A checkpoint's "kind": "training" (everything an exact resume needs) or "policy" (only what
+# acting needs: the modules ``_act`` runs through, normalisation, sizes and settings).
+TRAINING, POLICY = "training", "policy"
+# A policy file stores its weights in float16, half the bytes of float32: the three ResNet18
+# trunks are nearly all of it. They act in float32 once loaded; README_MULTIMODAL.md gives
+# the measured action difference against the training checkpoint of the same step.
+POLICY_WEIGHTS_DTYPE = torch.float16
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LOSS_CHECK_EVERY = 100   # steps between host reads of the per-step loss record
@@ -336,6 +343,9 @@ def read_checkpoint(path, map_location="cpu"):
         raise CheckpointError(path, f"checkpoint format {ckpt['format']}, but this version reads format "
                                     f"{CHECKPOINT_FORMAT} only (format 1 predates the stored run config); train "
                                     "again, or load it with the version that wrote it")
+    ckpt.setdefault("kind", TRAINING)   # written before policy files existed
+    if ckpt["kind"] not in (TRAINING, POLICY):
+        raise CheckpointError(path, f"unknown checkpoint kind {ckpt['kind']!r}")
     ckpt["config"] = config_from_checkpoint(ckpt["config"], path)
     return ckpt
 
@@ -398,6 +408,7 @@ class MultimodalAgent:
         self.min_v, self.max_v = normalization.min_v, normalization.max_v
         self.amp = use_bf16(config.amp, self.device)
         self.total_it = 0
+        self.acting_only = False   # loaded from a policy file: acts, cannot train
         obs_feature_dim, image_feature_dim = config.obs_feature_dim, config.image_feature_dim
 
         self.encoder = ObservationEncoder(self.joint_dim, image_feature_dim, obs_feature_dim,
@@ -434,6 +445,10 @@ class MultimodalAgent:
         """name -> module of everything a checkpoint holds (networks and targets)."""
         raise NotImplementedError
 
+    def _acting_modules(self):
+        """name -> module of what ``_act`` runs through: all a policy file holds."""
+        raise NotImplementedError
+
     def _optimizers(self):
         raise NotImplementedError
 
@@ -467,6 +482,9 @@ class MultimodalAgent:
         ``run_steps``, the length of the whole run, sets the encoder's learning-rate schedule
         (``encoder_lr_at``; None: a constant rate).
         """
+        if self.acting_only:
+            raise RuntimeError("this agent was loaded from a policy file, which holds only what acting needs; "
+                               "train from a training checkpoint (model_{step}.pth, model_final.pth)")
         if self.replay_buffer is None:
             raise RuntimeError("this agent has no replay buffer to train on")
         record = torch.zeros(iterations, len(self.loss_names), device=self.device)
@@ -566,18 +584,29 @@ class MultimodalAgent:
     def state(self, extra=None, rng=True):
         """Everything needed to resume exactly or to run inference, as one dict."""
         return {
-            "format": CHECKPOINT_FORMAT,
-            "algo": self.algo,
-            "config": config_lib.to_dict(self.config),
-            "shapes": self.shapes,
-            "normalization": self.normalization.state_dict(),
+            **self._checkpoint_header(TRAINING, extra),
             "networks": {name: m.state_dict() for name, m in self._modules().items()},
             "optimizers": {name: o.state_dict() for name, o in self._optimizers().items()},
-            "total_it": self.total_it,
             "rng": capture_rng_state(self.replay_buffer) if rng else None,
             "training_state": self._training_state(),
-            "extra": extra or {},
         }
+
+    def policy_state(self, extra=None):
+        """Only what acting needs, as one dict: the modules ``_act`` runs through (weights in
+        ``POLICY_WEIGHTS_DTYPE``), normalisation, sizes and settings; no critic, optimiser,
+        online copy of an averaged network or random state."""
+        def stored(tensor):
+            return tensor.to(POLICY_WEIGHTS_DTYPE) if tensor.is_floating_point() else tensor
+        return {
+            **self._checkpoint_header(POLICY, extra),
+            "networks": {name: {k: stored(v) for k, v in m.state_dict().items()}
+                         for name, m in self._acting_modules().items()},
+        }
+
+    def _checkpoint_header(self, kind, extra):
+        return {"format": CHECKPOINT_FORMAT, "kind": kind, "algo": self.algo,
+                "config": config_lib.to_dict(self.config), "shapes": self.shapes,
+                "normalization": self.normalization.state_dict(), "total_it": self.total_it, "extra": extra or {}}
 
     def _training_state(self):
         """Tensors besides networks and optimisers that an exact resume needs."""
@@ -586,14 +615,16 @@ class MultimodalAgent:
     def _set_training_state(self, state):
         pass
 
-    def save(self, filename, directory, extra=None):
-        """Write ``directory/filename.pth`` atomically; returns the path."""
+    def save(self, filename, directory, extra=None, policy_only=False):
+        """Write ``directory/filename.pth`` atomically: a training checkpoint, or with
+        ``policy_only`` a policy file (``policy_state``); returns the path."""
         path = os.path.join(directory, filename if filename.endswith(".pth") else filename + ".pth")
-        atomic_torch_save(self.state(extra), path)
+        atomic_torch_save(self.policy_state(extra) if policy_only else self.state(extra), path)
         return path
 
     def load(self, filename, directory=None, restore_rng=False):
-        """Load a checkpoint written by ``save`` (networks, targets, optimisers, step count).
+        """Load a checkpoint written by ``save`` (networks, targets, optimisers, step count),
+        or a policy file (the acting networks and step count: the agent can act, not train).
 
         The networks are rebuilt from the sizes stored in the checkpoint, so any agent
         (even one built with default arguments) can load any checkpoint of its algorithm.
@@ -609,7 +640,9 @@ class MultimodalAgent:
     def apply_checkpoint(self, ckpt, path, restore_rng=False):
         """Take over a checkpoint read by ``read_checkpoint``: rebuild the networks for its
         config and shapes if they differ, then load weights, optimisers, step count,
-        training state and (``restore_rng``) every random stream."""
+        training state and (``restore_rng``) every random stream. A policy file gives the
+        acting networks and the step count only."""
+        policy = ckpt.get("kind", TRAINING) == POLICY
         normalization = Normalization.from_state_dict(ckpt["normalization"])
         trained = config_lib.trained_settings(ckpt["config"])
         if trained != config_lib.trained_settings(self.config) or ckpt["shapes"] != self.shapes:
@@ -621,20 +654,21 @@ class MultimodalAgent:
         self.normalization = normalization
         self.min_v, self.max_v = normalization.min_v, normalization.max_v
         try:
-            for name, module in self._modules().items():
-                module.load_state_dict(ckpt["networks"][name])
-            for name, opt in self._optimizers().items():
+            for name, module in (self._acting_modules() if policy else self._modules()).items():
+                module.load_state_dict(ckpt["networks"][name])   # float16 policy weights become float32
+            for name, opt in ({} if policy else self._optimizers()).items():
                 opt.load_state_dict(ckpt["optimizers"][name])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(path, f"checkpoint does not match this agent: {str(exc).splitlines()[0]}") from None
         self.total_it = int(ckpt["total_it"])
+        self.acting_only = policy
         self._set_training_state(ckpt.get("training_state") or {})
         if restore_rng and ckpt.get("rng"):
             restore_rng_state(ckpt["rng"], self.replay_buffer)
 
     @classmethod
     def from_checkpoint(cls, path, device=None, replay_buffer=None):
-        """Build a ready-to-use agent from one checkpoint file alone (no dataset needed)."""
+        """Build a ready-to-use agent from one checkpoint or policy file alone (no dataset needed)."""
         ckpt = read_checkpoint(path, map_location="cpu")
         agent_cls = AGENTS.get(ckpt["algo"])
         if agent_cls is None:
@@ -708,6 +742,11 @@ class MultimodalLatent(MultimodalAgent):
         if self.polyak_acting:
             modules["encoder_target"] = self.encoder_target
         return modules
+
+    def _acting_modules(self):
+        acting = ({"encoder_target": self.encoder_target, "actor_target": self.actor_target} if self.polyak_acting
+                  else {"encoder": self.encoder, "actor": self.actor})
+        return {**acting, "actor_vae_target.decoder": self.actor_vae_target.decoder}
 
     def _optimizers(self):
         return {"encoder": self.encoder_optimizer, "actor_vae": self.actor_vae_optimizer,
@@ -959,6 +998,9 @@ class MultimodalBC(MultimodalAgent):
 
     def _modules(self):
         return {"encoder": self.encoder, "policy": self.policy}
+
+    def _acting_modules(self):
+        return self._modules()
 
     def _optimizers(self):
         return {"encoder": self.encoder_optimizer, "policy": self.policy_optimizer}

@@ -110,6 +110,13 @@ class TrainConfig:
                                        "run", positive=True)
     save_freq: Optional[int] = setting(None, "steps between model_{step}.pth checkpoints (default: 5000; "
                                              "built-in default: 500)", "run", positive=True)
+    keep_last: int = setting(1, "model_{step}.pth checkpoints kept: the newest N, older ones deleted as new ones are "
+                                "written (0: keep all). model_final.pth and the acting files policy_best.pth and "
+                                "policy_final.pth are always kept; with 1, the built-in default run leaves one "
+                                "training checkpoint (about 0.57 GB) and two policy files (about 0.07 GB each)",
+                         "run")
+    tensorboard: bool = setting(False, "also write TensorBoard event files (the progress.csv scalars) to "
+                                       "tensorboard/ in the run's folder; needs the tensorboard package", "run")
     eval_episodes: int = setting(10, "simulator rollouts per evaluation, on fixed seeds", "run")
     simulator: Optional[str] = setting(None, "simulator for rollout evaluation: a registered name or "
                                              "package.module:Class (default: the one named in the dataset's "
@@ -217,7 +224,7 @@ def problems(config):
                 out.append(f"--{f.name} must be in {interval[0]}0, 1{interval[1]}, got {value}")
         if meta["choices"] and value not in meta["choices"]:
             out.append(f"--{f.name} must be one of {', '.join(meta['choices'])}, got {value!r}")
-    for name in ("weight_temperature", "filter_margin", "kl_beta", "eval_episodes", "image_shift"):
+    for name in ("weight_temperature", "filter_margin", "kl_beta", "eval_episodes", "image_shift", "keep_last"):
         if getattr(config, name) < 0:
             out.append(f"--{name} must be >= 0, got {getattr(config, name)}")
     if config.resume and config.load_model:

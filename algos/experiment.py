@@ -2,9 +2,10 @@
 signals and atomic writes. No torch here: checkpoints are read and written by the agent.
 
 A run's folder is ``{log_dir}/Exp{ExpID}/multimodal_robot/`` and holds progress.csv (one
-row per evaluation), params.json (the whole config and the run's facts), model_{step}.pth
-every save_freq, model_best.pth and model_final.pth. Every file appears complete or not
-at all: it is written under a hidden temporary name and renamed.
+row per evaluation) and its plot progress.png, params.json (the whole config and the run's
+facts), model_{step}.pth every save_freq (the newest keep_last of them), model_final.pth,
+and the policy files policy_best.pth and policy_final.pth. Every file appears complete or
+not at all: it is written under a hidden temporary name and renamed.
 """
 import collections
 import contextlib
@@ -50,6 +51,21 @@ def atomic_write(path, mode="wb"):
             os.remove(tmp)
 
 
+def link_atomic(source, path):
+    """Give the file ``source`` the second name ``path`` (a hard link: no second copy on the
+    disk), replacing ``path`` atomically. False where the file system has no hard links."""
+    tmp = temporary_path(path)
+    try:
+        os.link(source, tmp)
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        return False
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_json_atomic(obj, path):
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2, default=str)
@@ -85,6 +101,19 @@ def step_checkpoints(folder):
         if step is not None:
             found[step] = path
     return found
+
+
+def prune_step_checkpoints(folder, keep_last, step):
+    """Delete the model_{s}.pth with s <= ``step`` but the ``keep_last`` newest (0: keep all).
+    Files past ``step`` are another branch of a run continued from an earlier step: they are
+    replaced as training reaches them, never counted or deleted here."""
+    if keep_last <= 0:
+        return []
+    mine = sorted(s for s in step_checkpoints(folder) if s <= step)
+    old = [os.path.join(folder, f"model_{s}.pth") for s in mine[:-keep_last]]
+    for path in old:
+        os.remove(path)
+    return old
 
 
 class _Stub:

@@ -644,8 +644,9 @@ class RolloutEvaluator:
         self.envs = [make_simulator(name, config) for _ in self.seeds]
         self.references = reference_returns(name, config, self.seeds)
 
-    def __call__(self, agent):
-        returns, successes, _ = rollout(self.envs, agent.act_on_observations, self.seeds)
+    def __call__(self, agent, step=None):
+        """Scores of ``agent``'s rollouts; ``step`` as in ``rollout`` (eval_policy.py films there)."""
+        returns, successes, _ = rollout(self.envs, agent.act_on_observations, self.seeds, step)
         avg = float(returns.mean())
         return {"AverageReturn": avg, "StdReturn": float(returns.std()), "SuccessRate": float(successes.mean()),
                 "NormalizedScore": normalized_score(avg, self.references)}

@@ -115,7 +115,7 @@ def main(argv=None):
         for seed in args.seeds:
             folder = os.path.join(results, f"Exp{algo}_s{seed}", "multimodal_robot")
             ret, sr = rollout_checkpoint(os.path.join(folder, "model_final.pth"), sim_name, sim_config, seeds)
-            bret, _ = rollout_checkpoint(os.path.join(folder, "model_best.pth"), sim_name, sim_config, seeds)
+            bret, _ = rollout_checkpoint(os.path.join(folder, "policy_best.pth"), sim_name, sim_config, seeds)
             finals.append(score(ret))
             succ.append(sr)
             bests.append(score(bret))

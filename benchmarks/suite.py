@@ -14,15 +14,16 @@ seed fixed per variant, cached in --out/datasets), trains LAPO and BC on it thro
 main_multimodal.py with that script's DEFAULT flags (only the budget, the seed, the
 paths, the device and the evaluation settings are set, plus --extra for both algorithms
 and --lapo_extra for LAPO alone), saving a checkpoint every --score_every steps. Training
-does no rollouts by default (--train_eval_episodes 0): model_best.pth is then chosen by
+does no rollouts by default (--train_eval_episodes 0): model_best (policy_best.pth) is then chosen by
 the algorithm's offline criterion on the held-out episodes (LAPO: test_good_action_mse,
 BC: test_action_mse, lower is better), which is all a user with a real robot has.
 
-Every checkpoint (model_{step}.pth, model_final.pth, model_best.pth) is then rolled out on
+Every checkpoint (model_{step}.pth, all of them kept: --keep_last 0; model_final.pth; model_best,
+the run's policy_best.pth) is then rolled out on
 --eval_episodes fresh seeds (2_000_000 + i: neither training's evaluation seeds,
 1_000_000 + i, nor the data's) in the variant's simulator and normalised: 0 = the noisy
 operator, 1 = the expert, on the same seeds. model_final and model_best hold the weights
-of the step checkpoint saved at the same step, so they take that checkpoint's score
+of the step checkpoint saved at the same step (policy_best.pth in float16), so they take that checkpoint's score
 rather than a second rollout. Scores are cached in each run folder (suite_scores.json), so
 running again rolls nothing out twice; with --delete_scored (the default) each
 model_{step}.pth is deleted once scored (about 0.5 GB each), model_best and model_final kept.
@@ -462,8 +463,8 @@ def score_run(folder, sim_name, sim_config, seeds, delete_scored):
         score(f"model_{step}", path, step)
         if delete_scored:
             os.remove(path)
-    for name in ("model_final", "model_best"):
-        path = os.path.join(folder, f"{name}.pth")
+    for name, filename in (("model_final", "model_final.pth"), ("model_best", "policy_best.pth")):
+        path = os.path.join(folder, filename)
         if os.path.exists(path):
             score(name, path, experiment.stored_step(path))
     return scores
@@ -541,7 +542,8 @@ def plan_runs(args, steps, variants):
                 train_args = ["--hdf5_path", data, "--algo", algo, "--device", args.device, "--seed", str(seed),
                               "--ExpID", exp, "--log_dir", log_dir, "--max_timesteps", str(steps),
                               "--eval_freq", str(args.score_every), "--save_freq", str(args.score_every),
-                              "--eval_episodes", str(args.train_eval_episodes), "--overwrite", *flags]
+                              "--eval_episodes", str(args.train_eval_episodes), "--keep_last", "0", "--overwrite",
+                              *flags]
                 name = f"{variant}_{exp}"
                 folder = experiment.experiment_dir(log_dir, exp)
                 runs[name] = {"variant": variant, "algo": algo, "seed": seed, "folder": folder, "data": data}

@@ -95,7 +95,8 @@ def test_suite_end_to_end_on_a_tiny_setting(tmp_path):
         assert run["spearman"] is None or -1 <= run["spearman"] <= 1
         assert run["checkpoints"]["model_final"]["same_as"] == "model_30"
         folder = run["folder"]
-        assert sorted(f for f in os.listdir(folder) if f.endswith(".pth")) == ["model_best.pth", "model_final.pth"]
+        assert sorted(f for f in os.listdir(folder) if f.endswith(".pth")) == ["model_final.pth", "policy_best.pth",
+                                                                               "policy_final.pth"]
         assert os.path.exists(os.path.join(folder, suite.SCORES_FILE))
     assert set(report["splits"]) == {"dev"}
     assert set(report["reference_returns"]["reach_wrong40"]) == {"expert", "wrong", "noisy"}

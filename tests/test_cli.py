@@ -25,8 +25,9 @@ def test_short_run_writes_every_output_with_finite_losses(tmp_path, tiny_dataset
     assert res.returncode == 0, res.stderr
     folder = tmp_path / "results" / "Expt1" / "multimodal_robot"
     files = set(os.listdir(folder))
-    assert {"progress.csv", "params.json", "model_6.pth", "model_12.pth", "model_best.pth",
-            "model_final.pth"} <= files
+    # --keep_last 1 (the default): the newest step checkpoint only, model_final the same file
+    assert files == {"progress.csv", "progress.png", "params.json", "model_12.pth", "model_final.pth",
+                     "policy_best.pth", "policy_final.pth"}
     rows = read_progress(folder)
     assert [int(r["steps"]) for r in rows] == [6, 12]
     for name in ("critic_loss", "vae_loss", "actor_loss", "test_action_mse", "test_q_mean", "test_v_mean",
@@ -76,7 +77,8 @@ def test_default_exp_ids_never_collide(tmp_path, tiny_dataset):
 
 
 def test_load_model_resumes_the_step_count_into_a_new_exp_id(tmp_path, tiny_dataset):
-    assert train(tmp_path, tiny_dataset, "a", "--max_timesteps", 6, "--eval_freq", 3, "--save_freq", 3).returncode == 0
+    assert train(tmp_path, tiny_dataset, "a", "--max_timesteps", 6, "--eval_freq", 3, "--save_freq", 3,
+                 "--keep_last", 0).returncode == 0
     res = train(tmp_path, tiny_dataset, "b", "--max_timesteps", 9, "--eval_freq", 3, "--load_model", 3)
     assert res.returncode == 0, res.stderr
     assert "Expa/multimodal_robot/model_3.pth at step 3" in res.stdout
@@ -108,5 +110,7 @@ def test_built_in_default_runs_with_no_arguments(tmp_path):
                   "--eval_episodes", 2, cwd=tmp_path, timeout=900)
     assert res.returncode == 0, res.stderr
     assert os.path.exists(tmp_path / "results" / "sample_data.hdf5")
-    rows = read_progress(tmp_path / "results" / "Exp0001" / "multimodal_robot")
+    folder = tmp_path / "results" / "Exp0001" / "multimodal_robot"
+    rows = read_progress(folder)
     assert all(float(r["AverageReturn"]) == float(r["AverageReturn"]) for r in rows)
+    assert {"progress.png", "policy_best.pth", "policy_final.pth", "model_final.pth"} <= set(os.listdir(folder))

@@ -201,7 +201,7 @@ def test_repeated_sigkill_never_leaves_a_broken_checkpoint(tmp_path, tiny_datase
     folder = tmp_path / "results" / "Expk" / "multimodal_robot"
     rng = np.random.default_rng(0)
     for attempt in range(3):
-        extra = ["--max_timesteps", 100000, "--save_freq", 2, "--eval_freq", 2]
+        extra = ["--max_timesteps", 100000, "--save_freq", 2, "--eval_freq", 2, "--keep_last", 0]
         proc = start_training(tmp_path, tiny_dataset, "k", *extra, *(["--resume"] if attempt else []))
         n_before = len(glob.glob(str(folder / "model_*.pth")))
         assert wait_for(lambda: len(glob.glob(str(folder / "model_*.pth"))) >= n_before + 2), proc.stderr.read() if proc.poll() is not None else ""
@@ -265,7 +265,7 @@ def test_exact_resume_is_bit_identical(tmp_path, sim_dataset, how):
     """A 12-step run killed right after its step-6 checkpoint and continued with the same
     command ends bit-identical to the run that was never stopped (learning-rate schedule,
     sampler, filter judgements and all)."""
-    common = ["--seed", 7, "--eval_freq", 3, "--save_freq", 6]
+    common = ["--seed", 7, "--eval_freq", 3, "--save_freq", 6, "--keep_last", 0]
     one = run_cli("main_multimodal.py", "--hdf5_path", sim_dataset, "--log_dir", tmp_path / "results", "--ExpID",
                   "one", *TINY_TRAIN, *common, "--max_timesteps", 12, cwd=tmp_path)
     assert one.returncode == 0, one.stderr
@@ -469,14 +469,14 @@ def test_resume_takes_the_checkpoint_settings_and_refuses_contradicting_flags(tm
 
 def test_load_model_from_another_experiment_starts_its_own_best_record(tmp_path, tiny_dataset, capsys):
     """Another experiment's best (judged on its own rows, maybe by another metric) is not
-    carried over: the new folder writes its own model_best."""
+    carried over: the new folder writes its own policy_best."""
     assert train_in_process(tmp_path, tiny_dataset, "--save_freq", "2", exp="a") == 0
     path = tmp_path / "results" / "Expa" / "multimodal_robot" / "model_2.pth"
     ckpt = torch.load(path, weights_only=True)
     ckpt["extra"]["best"] = {"value": -1.0, "step": 2, "metric": "test_good_action_mse"}   # unbeatable
     torch.save(ckpt, path)
     assert train_in_process(tmp_path, tiny_dataset, "--max_timesteps", "4", "--load_model", "a:2", exp="b") == 0
-    assert (tmp_path / "results" / "Expb" / "multimodal_robot" / "model_best.pth").exists()
+    assert (tmp_path / "results" / "Expb" / "multimodal_robot" / "policy_best.pth").exists()
 
 
 def test_load_model_on_another_file_trains_in_the_checkpoint_units(tmp_path, tiny_dataset):
