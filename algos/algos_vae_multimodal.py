@@ -264,6 +264,18 @@ class Critic(nn.Module):
         return self.v_net(feature)
 
 
+def split_threshold(values):
+    """Otsu's threshold of a 1-D tensor: the midpoint of the cut of the sorted values into a
+    lower and an upper group that maximises w_low * w_high * (mean_low - mean_high)^2."""
+    v, _ = torch.sort(values.float())
+    n = v.numel()
+    k = torch.arange(1, n, device=v.device, dtype=v.dtype)   # size of the lower group
+    sum_low = torch.cumsum(v, 0)[:-1]
+    mean_low, mean_high = sum_low / k, (v.sum() - sum_low) / (n - k)
+    cut = torch.argmax(k * (n - k) * (mean_low - mean_high).pow(2))
+    return (v[cut] + v[cut + 1]) / 2
+
+
 def soft_update(net, target, tau):
     with torch.no_grad():
         torch._foreach_lerp_(list(target.parameters()), list(net.parameters()), tau)
@@ -565,20 +577,22 @@ class MultimodalAgent:
 
     @torch.no_grad()
     def offline_metrics(self, buffer=None):
-        """Held-out metrics on the buffer's fixed test rows (no randomness consumed)."""
+        """Held-out metrics on the buffer's fixed test rows (no randomness consumed). A metric
+        is a batch mean, or a (sum, count) pair for a mean over some of the rows (NaN where
+        no row counted)."""
         buffer = buffer or self.replay_buffer
-        sums, count = {}, 0
+        sums, counts = {}, {}
         for batch in buffer.eval_batches():
             with self._autocast():
                 feature = self._encode(batch.images, batch.joint)
                 if self.needs_next_obs:
                     batch.next_feature = self._encode(batch.next_images, batch.next_joint)
                 metrics = self._offline_metrics(batch, feature)
-            n = batch.action.shape[0]
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * n
-            count += n
-        return {k: v / count for k, v in sums.items()}
+                total, n = v if isinstance(v, tuple) else (v * batch.action.shape[0], batch.action.shape[0])
+                sums[k] = sums.get(k, 0.0) + float(total)
+                counts[k] = counts.get(k, 0) + float(n)
+        return {k: sums[k] / counts[k] if counts[k] > 0 else float("nan") for k in sums}
 
     # ---- checkpoints
     def state(self, extra=None, rng=True):
@@ -697,7 +711,7 @@ class MultimodalLatent(MultimodalAgent):
 
     algo = "lapo"
     loss_names = ("critic_loss", "vae_loss", "actor_loss", "recon_loss", "kl_loss",
-                  "q_mean", "v_mean", "advantage_mean", "positive_advantage_frac", "imitated_episode_frac")
+                  "q_mean", "v_mean", "advantage_mean", "positive_advantage_frac", "imitated_episode_frac", "filter_threshold")
     needs_next_obs = True
 
     def __init__(self, config=None, joint_dim=16, action_dim=16, image_shape=(84, 84), normalization=None,
@@ -711,10 +725,10 @@ class MultimodalLatent(MultimodalAgent):
         self.weight_temperature, self.expectile_weights = c.weight_temperature, c.original_lapo
         self.episode_filter = c.episode_filter
         self.kept_batch_frac = c.kept_batch_frac
-        self.filter_margin = c.filter_margin
         self.polyak_acting = c.polyak_acting
         # A of each episode at its first row, NaN until judged (see _refresh_episode_advantage)
         self.episode_advantage = None
+        self.filter_threshold = torch.zeros((), device=self.device)   # see _update_filter_threshold
         self.tau, self.expectile, self.kl_beta = c.tau, c.expectile, c.kl_beta
         self.no_noise, self.doubleq_min = c.no_noise, c.doubleq_min
         self.max_latent_action = max_latent_action
@@ -827,13 +841,23 @@ class MultimodalLatent(MultimodalAgent):
         return torch.exp(advantage / self.weight_temperature).clamp(max=MAX_ADVANTAGE_WEIGHT)
 
     def _kept(self, episode_advantage):
-        """The episode filter's rule: imitate an episode only if its ``A_episode`` (its return
-        against its start's value) is above -``filter_margin`` x the temperature, by default
-        above 0 (not yet judged, NaN: kept). Why no margin by default: a margin of one temperature kept the poor
-        episodes whose judgement sits just below 0, 6% to 16% of the kept rows at the end of
-        a benchmark run (docs/experiments/, fifteenth round); CRR's binary filter is A > 0."""
-        threshold = -self.filter_margin * self.weight_temperature
-        return torch.isnan(episode_advantage) | (episode_advantage > threshold)
+        """The episode filter's rule: imitate an episode if its ``A_episode`` (its return
+        against its start's value) is above ``filter_threshold`` (not yet judged, NaN: kept)."""
+        return torch.isnan(episode_advantage) | (episode_advantage > self.filter_threshold)
+
+    def _update_filter_threshold(self):
+        """``filter_threshold`` = min(0, the split of the judged episodes' A_episode into the
+        two groups that best separates them: Otsu's threshold, the cut that maximises the
+        between-group variance). Why: V at a start is an upper expectile of the data's Q and
+        with training settles near the best return seen from such starts, so the expert's
+        judgements end up scattered around 0 while the poor operators' stay far below. A
+        threshold of 0 then drops a third to half of the expert's episodes, a different
+        third at each judgement; the cut between the groups keeps them, follows V when it
+        drifts and needs no unit of reward. Everything above 0 is always kept."""
+        judged = self.episode_advantage[~torch.isnan(self.episode_advantage)]
+        self.filter_threshold = torch.zeros((), device=self.device)
+        if judged.numel() >= 2:
+            self.filter_threshold = torch.minimum(self.filter_threshold, split_threshold(judged))
 
     def _sample_batch(self, batch_size):
         """With the filter, ``kept_batch_frac`` of each batch comes from the episodes it keeps.
@@ -858,12 +882,20 @@ class MultimodalLatent(MultimodalAgent):
             self.episode_advantage = torch.full((buffer.n_episodes,), float("nan"), device=self.device)
         n = min(n_episodes, len(first_rows))
         pick = (torch.arange(n) + self.total_it * n) % len(first_rows)
-        batch = buffer.gather(first_rows.index_select(0, pick.to(first_rows.device)))
+        episode, advantage = self._judge(first_rows.index_select(0, pick.to(first_rows.device)))
+        self.episode_advantage[episode] = advantage
+        self._update_filter_threshold()
+
+    @torch.no_grad()
+    def _judge(self, first_rows, buffer=None):
+        """(episode index, A_episode) of the episodes whose first rows are given: A at that
+        row with the current encoder and critic."""
+        batch = (buffer or self.replay_buffer).gather(first_rows)
         with self._autocast():
             feature = self._encode(batch.images, batch.joint)
             next_feature = self._encode(batch.next_images, batch.next_joint)
         advantage = self._advantage(feature.float(), next_feature.float(), batch.reward, batch.discount)
-        self.episode_advantage[batch.episode] = advantage.squeeze(1)
+        return batch.episode, advantage.squeeze(1)
 
     def _training_state(self):
         return {} if self.episode_advantage is None else {"episode_advantage": self.episode_advantage}
@@ -871,6 +903,8 @@ class MultimodalLatent(MultimodalAgent):
     def _set_training_state(self, state):
         episode_advantage = state.get("episode_advantage")
         self.episode_advantage = None if episode_advantage is None else episode_advantage.to(self.device)
+        if self.episode_advantage is not None:
+            self._update_filter_threshold()
 
     def _advantage(self, feature, next_feature, reward, discount):
         """A = clamp(r + discount * V(s')) - clamp(V(s)) with the current critic."""
@@ -944,7 +978,7 @@ class MultimodalLatent(MultimodalAgent):
                 "recon_loss": recon_loss.mean(), "kl_loss": kl_loss.mean(), "q_mean": current_Q1.mean(),
                 "v_mean": current_V.mean(), "advantage_mean": advantage.mean(),
                 "positive_advantage_frac": (advantage > 0).float().mean(),
-                "imitated_episode_frac": self._imitated_episode_frac()}
+                "imitated_episode_frac": self._imitated_episode_frac(), "filter_threshold": self.filter_threshold}
 
     def _imitated_episode_frac(self):
         """Share of the judged training episodes the CVAE imitates (1 without the filter)."""
@@ -955,6 +989,18 @@ class MultimodalLatent(MultimodalAgent):
         kept = (judged & self._kept(self.episode_advantage)).sum()
         n_judged = judged.sum()
         return torch.where(n_judged > 0, kept / n_judged.clamp(min=1), torch.ones((), device=self.device))
+
+    @torch.no_grad()
+    def offline_metrics(self, buffer=None):
+        """As the base class's, after judging the held-out episodes the way the filter judges
+        the training ones (``held_out_kept``, what ``test_kept_action_mse`` is measured on)."""
+        buffer = buffer or self.replay_buffer
+        self.held_out_kept = torch.zeros(buffer.n_episodes, dtype=torch.bool, device=self.device)
+        first_rows = buffer.test_episode_first_rows
+        for start in range(0, len(first_rows), 256):
+            episode, advantage = self._judge(first_rows[start:start + 256], buffer)
+            self.held_out_kept[episode] = self._kept(advantage)
+        return super().offline_metrics(buffer)
 
     def _offline_metrics(self, batch, feature):
         feature = feature.float()
@@ -967,9 +1013,11 @@ class MultimodalLatent(MultimodalAgent):
         recon_err = (self.actor_vae.decode(feature, mean) - action).pow(2).mean(1)
         advantage = self._advantage(feature, batch.next_feature.float(), batch.reward, batch.discount).squeeze(1)
         positive = (advantage > 0).float()
-        good_err = (action_err * positive).sum() / positive.sum().clamp(min=1)
+        kept = self.held_out_kept[batch.episode].float()
         q1, q2 = self.critic(feature, action)
-        return {"test_action_mse": action_err.mean(), "test_good_action_mse": good_err,
+        return {"test_action_mse": action_err.mean(),
+                "test_good_action_mse": ((action_err * positive).sum(), positive.sum()),
+                "test_kept_action_mse": ((action_err * kept).sum(), kept.sum()), "test_kept_row_frac": kept.mean(),
                 "test_vae_recon_mse": recon_err.mean(), "test_q_mean": q1.mean(),
                 "test_v_mean": self.critic.v(feature).mean(), "test_advantage_mean": advantage.mean(),
                 "test_positive_advantage_frac": positive.mean(),

@@ -93,8 +93,6 @@ class TrainConfig:
                                     "get 1 - this)", "algorithm", unit_interval="()")
     no_noise: bool = setting(False, "with --original_lapo: no clipped noise on the target latent action",
                              "algorithm")
-    filter_margin: float = setting(0.0, "how far an episode's return may fall short of its start's value and "
-                                        "still be imitated, in units of --weight_temperature", "algorithm")
     kept_batch_frac: float = setting(0.5, "with the episode filter, the share of each batch drawn from the "
                                           "episodes it keeps (the rest uniform over the training rows)",
                                      "algorithm", unit_interval="[]")
@@ -224,7 +222,7 @@ def problems(config):
                 out.append(f"--{f.name} must be in {interval[0]}0, 1{interval[1]}, got {value}")
         if meta["choices"] and value not in meta["choices"]:
             out.append(f"--{f.name} must be one of {', '.join(meta['choices'])}, got {value!r}")
-    for name in ("weight_temperature", "filter_margin", "kl_beta", "eval_episodes", "image_shift", "keep_last"):
+    for name in ("weight_temperature", "kl_beta", "eval_episodes", "image_shift", "keep_last"):
         if getattr(config, name) < 0:
             out.append(f"--{name} must be >= 0, got {getattr(config, name)}")
     if config.resume and config.load_model:

@@ -295,9 +295,11 @@ class MultimodalReplayBuffer:
             observed_returns(rewards, dataset.terminals, dataset.timeouts, discount)).to(dev)
         self.next_index = torch.from_numpy(next_index).to(dev)
         self.episode_index = torch.from_numpy(episode_of_row).to(dev)
-        # each training episode's first usable row, where the episode's own advantage is judged
+        # each episode's first usable row, where the episode's own advantage is judged
         _, first = np.unique(episode_of_row[train_rows], return_index=True)
         self.train_episode_first_rows = torch.from_numpy(train_rows[first].astype(np.int64)).to(dev)
+        _, first = np.unique(episode_of_row[test_rows], return_index=True)
+        self.test_episode_first_rows = torch.from_numpy(test_rows[first].astype(np.int64)).to(dev)
         self.train_rows = torch.from_numpy(train_rows).to(dev)
         self.train_row_episode = self.episode_index.index_select(0, self.train_rows)
         self.test_rows = torch.from_numpy(test_rows).to(dev)

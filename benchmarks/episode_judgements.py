@@ -75,13 +75,15 @@ def main(argv=None):
             buffer = utils.MultimodalReplayBuffer(dataset, ckpt["config"], device="cpu",
                                                   normalization=utils.Normalization.from_state_dict(ckpt["normalization"]))
         agent = algos.MultimodalAgent.from_checkpoint(path, device="cpu", replay_buffer=buffer)
-        threshold = -agent.filter_margin * agent.weight_temperature
-        print(f"\n{path} (step {agent.total_it}); kept: A_episode > {threshold:g}")
+        judged = {split: judge(agent, buffer, list(ids))
+                  for split, ids in (("train", buffer.train_episode_ids), ("held out", buffer.test_episode_ids))}
+        # the filter's threshold as training sets it, from these judgements of the training episodes
+        threshold = min(0.0, float(algos.split_threshold(torch.from_numpy(judged["train"][1]))))
+        print(f"\n{path} (step {agent.total_it}); kept: A_episode > {threshold:+.3f}")
         print("| behaviour | split | episodes | kept | mean A_episode | mean V(start) |")
         print("|---|---|---|---|---|---|")
         rows = []
-        for split, ids in (("train", buffer.train_episode_ids), ("held out", buffer.test_episode_ids)):
-            judged_ids, advantage, start_value = judge(agent, buffer, list(ids))
+        for split, (judged_ids, advantage, start_value) in judged.items():
             for name in names:
                 mask = episode_behaviour[judged_ids] == name
                 if not mask.any():
@@ -92,7 +94,7 @@ def main(argv=None):
                 rows.append({"behaviour": name, "split": split, "episodes": int(mask.sum()), "kept": kept,
                              "mean_advantage": float(advantage[mask].mean()),
                              "mean_start_value": float(start_value[mask].mean())})
-        report[path] = {"step": agent.total_it, "rows": rows}
+        report[path] = {"step": agent.total_it, "threshold": threshold, "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

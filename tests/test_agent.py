@@ -282,3 +282,17 @@ def test_the_policy_acts_through_the_polyak_averages_of_all_its_parts(tiny_datas
     assert "encoder_target" not in online._modules()
     np.testing.assert_allclose(online.select_action(*imgs, joint), deployed(online, online.encoder, online.actor),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_model_selection_metric_measures_the_held_out_episodes_the_filter_keeps(lapo):
+    """test_kept_action_mse (LAPO's offline criterion for model_best) is the policy's action
+    error on the held-out episodes the filter's rule keeps: all of them when the rule keeps
+    everything, none (NaN, so never chosen as best) when it keeps nothing."""
+    lapo.filter_threshold = torch.tensor(float("-inf"))
+    everything = lapo.offline_metrics()
+    assert everything["test_kept_row_frac"] == 1.0
+    assert everything["test_kept_action_mse"] == pytest.approx(everything["test_action_mse"], rel=1e-5)
+    lapo.filter_threshold = torch.tensor(float("inf"))
+    nothing = lapo.offline_metrics()
+    assert nothing["test_kept_row_frac"] == 0.0
+    assert np.isnan(nothing["test_kept_action_mse"])

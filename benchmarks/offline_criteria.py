@@ -1,0 +1,66 @@
+"""How well offline metrics rank a run's checkpoints against their rollout scores.
+
+    python benchmarks/offline_criteria.py --data D.hdf5 RUN_FOLDER [RUN_FOLDER ...]
+
+For every step checkpoint of each run (model_<step>.pth), recomputes the held-out metrics
+with this code (``offline_metrics`` on the run's own held-out split) and pairs them with the
+rollout score progress.csv recorded at that step. Prints, per run and metric, Spearman's rank
+correlation between the metric and the score (sign turned so that +1 is a perfect ranking)
+and the score of the checkpoint the metric would pick against the best checkpoint's. A
+metric worth choosing model_best by ranks well on every run, not on one.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from algos import algos_vae_multimodal as algos  # noqa: E402
+from algos import experiment, hdf5_format  # noqa: E402
+from algos import utils_multimodal as utils  # noqa: E402
+from benchmarks.suite import spearman  # noqa: E402
+
+METRICS = {"test_good_action_mse": "min", "test_kept_action_mse": "min", "test_action_mse": "min",
+           "test_policy_q_mean": "max"}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="the dataset the runs were trained on")
+    p.add_argument("runs", nargs="+", help="run folders holding progress.csv and model_<step>.pth")
+    args = p.parse_args(argv)
+    torch.set_grad_enabled(False)
+    dataset = hdf5_format.load_dataset(args.data, progress=False)
+    print("| run | metric | Spearman with score | picked step: score | best step: score |")
+    print("|---|---|---|---|---|")
+    for folder in args.runs:
+        score = {int(r["steps"]): float(r["NormalizedScore"])
+                 for r in experiment.ProgressLog(os.path.join(folder, "progress.csv")).rows() if r.get("NormalizedScore")}
+        steps = sorted(s for s in experiment.step_checkpoints(folder) if s in score)
+        metrics, buffer = {}, None
+        for step in steps:
+            path = os.path.join(folder, f"model_{step}.pth")
+            if buffer is None:
+                ckpt = algos.read_checkpoint(path)
+                buffer = utils.MultimodalReplayBuffer(dataset, ckpt["config"], device="cpu",
+                                                      normalization=utils.Normalization.from_state_dict(ckpt["normalization"]))
+            agent = algos.MultimodalAgent.from_checkpoint(path, device="cpu", replay_buffer=buffer)
+            metrics[step] = agent.offline_metrics(buffer)
+        scores = [score[s] for s in steps]
+        best = steps[int(np.argmax(scores))]
+        for name, direction in METRICS.items():
+            values = [metrics[s].get(name, float("nan")) for s in steps]
+            if not np.isfinite(values).any():
+                continue
+            sign = -1 if direction == "min" else 1
+            rho = spearman([sign * v for v in values], scores)
+            picked = steps[int(np.nanargmax([sign * v for v in values]))]
+            print(f"| {os.path.basename(os.path.dirname(folder.rstrip('/')))} | {name} | {rho:+.2f} | "
+                  f"{picked}: {score[picked]:.2f} | {best}: {score[best]:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
