@@ -264,18 +264,6 @@ class Critic(nn.Module):
         return self.v_net(feature)
 
 
-def split_threshold(values):
-    """Otsu's threshold of a 1-D tensor: the midpoint of the cut of the sorted values into a
-    lower and an upper group that maximises w_low * w_high * (mean_low - mean_high)^2."""
-    v, _ = torch.sort(values.float())
-    n = v.numel()
-    k = torch.arange(1, n, device=v.device, dtype=v.dtype)   # size of the lower group
-    sum_low = torch.cumsum(v, 0)[:-1]
-    mean_low, mean_high = sum_low / k, (v.sum() - sum_low) / (n - k)
-    cut = torch.argmax(k * (n - k) * (mean_low - mean_high).pow(2))
-    return (v[cut] + v[cut + 1]) / 2
-
-
 def soft_update(net, target, tau):
     with torch.no_grad():
         torch._foreach_lerp_(list(target.parameters()), list(net.parameters()), tau)
@@ -711,7 +699,7 @@ class MultimodalLatent(MultimodalAgent):
 
     algo = "lapo"
     loss_names = ("critic_loss", "vae_loss", "actor_loss", "recon_loss", "kl_loss",
-                  "q_mean", "v_mean", "advantage_mean", "positive_advantage_frac", "imitated_episode_frac", "filter_threshold")
+                  "q_mean", "v_mean", "advantage_mean", "positive_advantage_frac", "imitated_episode_frac")
     needs_next_obs = True
 
     def __init__(self, config=None, joint_dim=16, action_dim=16, image_shape=(84, 84), normalization=None,
@@ -728,7 +716,6 @@ class MultimodalLatent(MultimodalAgent):
         self.polyak_acting = c.polyak_acting
         # A of each episode at its first row, NaN until judged (see _refresh_episode_advantage)
         self.episode_advantage = None
-        self.filter_threshold = torch.zeros((), device=self.device)   # see _update_filter_threshold
         self.tau, self.expectile, self.kl_beta = c.tau, c.expectile, c.kl_beta
         self.no_noise, self.doubleq_min = c.no_noise, c.doubleq_min
         self.max_latent_action = max_latent_action
@@ -842,22 +829,11 @@ class MultimodalLatent(MultimodalAgent):
 
     def _kept(self, episode_advantage):
         """The episode filter's rule: imitate an episode if its ``A_episode`` (its return
-        against its start's value) is above ``filter_threshold`` (not yet judged, NaN: kept)."""
-        return torch.isnan(episode_advantage) | (episode_advantage > self.filter_threshold)
-
-    def _update_filter_threshold(self):
-        """``filter_threshold`` = min(0, the split of the judged episodes' A_episode into the
-        two groups that best separates them: Otsu's threshold, the cut that maximises the
-        between-group variance). Why: V at a start is an upper expectile of the data's Q and
-        with training settles near the best return seen from such starts, so the expert's
-        judgements end up scattered around 0 while the poor operators' stay far below. A
-        threshold of 0 then drops a third to half of the expert's episodes, a different
-        third at each judgement; the cut between the groups keeps them, follows V when it
-        drifts and needs no unit of reward. Everything above 0 is always kept."""
-        judged = self.episode_advantage[~torch.isnan(self.episode_advantage)]
-        self.filter_threshold = torch.zeros((), device=self.device)
-        if judged.numel() >= 2:
-            self.filter_threshold = torch.minimum(self.filter_threshold, split_threshold(judged))
+        against its start's value) is above 0 (not yet judged, NaN: kept). Why 0: a margin
+        below it, or Otsu's cut between the groups of judgements, let in the poor episodes
+        whose judgements rise towards 0 as the critic fits its training episodes
+        (docs/experiments/); CRR's binary filter is A > 0 too."""
+        return torch.isnan(episode_advantage) | (episode_advantage > 0)
 
     def _sample_batch(self, batch_size):
         """With the filter, ``kept_batch_frac`` of each batch comes from the episodes it keeps.
@@ -884,7 +860,6 @@ class MultimodalLatent(MultimodalAgent):
         pick = (torch.arange(n) + self.total_it * n) % len(first_rows)
         episode, advantage = self._judge(first_rows.index_select(0, pick.to(first_rows.device)))
         self.episode_advantage[episode] = advantage
-        self._update_filter_threshold()
 
     @torch.no_grad()
     def _judge(self, first_rows, buffer=None):
@@ -903,8 +878,6 @@ class MultimodalLatent(MultimodalAgent):
     def _set_training_state(self, state):
         episode_advantage = state.get("episode_advantage")
         self.episode_advantage = None if episode_advantage is None else episode_advantage.to(self.device)
-        if self.episode_advantage is not None:
-            self._update_filter_threshold()
 
     def _advantage(self, feature, next_feature, reward, discount):
         """A = clamp(r + discount * V(s')) - clamp(V(s)) with the current critic."""
@@ -978,7 +951,7 @@ class MultimodalLatent(MultimodalAgent):
                 "recon_loss": recon_loss.mean(), "kl_loss": kl_loss.mean(), "q_mean": current_Q1.mean(),
                 "v_mean": current_V.mean(), "advantage_mean": advantage.mean(),
                 "positive_advantage_frac": (advantage > 0).float().mean(),
-                "imitated_episode_frac": self._imitated_episode_frac(), "filter_threshold": self.filter_threshold}
+                "imitated_episode_frac": self._imitated_episode_frac()}
 
     def _imitated_episode_frac(self):
         """Share of the judged training episodes the CVAE imitates (1 without the filter)."""

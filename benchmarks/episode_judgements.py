@@ -77,9 +77,8 @@ def main(argv=None):
         agent = algos.MultimodalAgent.from_checkpoint(path, device="cpu", replay_buffer=buffer)
         judged = {split: judge(agent, buffer, list(ids))
                   for split, ids in (("train", buffer.train_episode_ids), ("held out", buffer.test_episode_ids))}
-        # the filter's threshold as training sets it, from these judgements of the training episodes
-        threshold = min(0.0, float(algos.split_threshold(torch.from_numpy(judged["train"][1]))))
-        print(f"\n{path} (step {agent.total_it}); kept: A_episode > {threshold:+.3f}")
+        threshold = 0.0   # the filter's rule (MultimodalLatent._kept)
+        print(f"\n{path} (step {agent.total_it}); kept: A_episode > 0")
         print("| behaviour | split | episodes | kept | mean A_episode | mean V(start) |")
         print("|---|---|---|---|---|---|")
         rows = []
@@ -94,7 +93,7 @@ def main(argv=None):
                 rows.append({"behaviour": name, "split": split, "episodes": int(mask.sum()), "kept": kept,
                              "mean_advantage": float(advantage[mask].mean()),
                              "mean_start_value": float(start_value[mask].mean())})
-        report[path] = {"step": agent.total_it, "threshold": threshold, "rows": rows}
+        report[path] = {"step": agent.total_it, "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -284,15 +284,15 @@ def test_the_policy_acts_through_the_polyak_averages_of_all_its_parts(tiny_datas
                                rtol=1e-5, atol=1e-5)
 
 
-def test_model_selection_metric_measures_the_held_out_episodes_the_filter_keeps(lapo):
-    """test_kept_action_mse (LAPO's offline criterion for model_best) is the policy's action
-    error on the held-out episodes the filter's rule keeps: all of them when the rule keeps
-    everything, none (NaN, so never chosen as best) when it keeps nothing."""
-    lapo.filter_threshold = torch.tensor(float("-inf"))
+def test_model_selection_metric_measures_the_held_out_episodes_the_filter_keeps(lapo, monkeypatch):
+    """test_kept_action_mse is the policy's action error on the held-out episodes the
+    filter's rule keeps: all of them when the rule keeps everything, none (NaN, so never
+    chosen as best) when it keeps nothing."""
+    monkeypatch.setattr(lapo, "_kept", lambda a: torch.ones_like(a, dtype=torch.bool))
     everything = lapo.offline_metrics()
     assert everything["test_kept_row_frac"] == 1.0
     assert everything["test_kept_action_mse"] == pytest.approx(everything["test_action_mse"], rel=1e-5)
-    lapo.filter_threshold = torch.tensor(float("inf"))
+    monkeypatch.setattr(lapo, "_kept", lambda a: torch.zeros_like(a, dtype=torch.bool))
     nothing = lapo.offline_metrics()
     assert nothing["test_kept_row_frac"] == 0.0
     assert np.isnan(nothing["test_kept_action_mse"])

@@ -366,38 +366,17 @@ def test_value_over_the_data_is_the_expectile_of_its_q(tiny_dataset):
 
 def test_episode_filter_drops_episodes_that_fall_short_and_lifts_the_rest(tiny_dataset):
     """exp(max(A, A_episode) / T) clipped, 0 on every row of an episode whose A_episode is
-    at or below the filter's threshold, and the plain exp(A / T) where the episode has not
-    been judged yet (NaN)."""
+    at or below 0, and the plain exp(A / T) where the episode has not been judged yet (NaN)."""
     buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), train_test_split=0.8, seed=0)
     advantage = torch.tensor([[0.05], [0.05], [-0.3], [0.2], [-2.0], [0.1]])
     episode_advantage = torch.tensor([[float("nan")], [-0.15], [0.1], [-0.05], [1.0], [-0.01]])
     lifted = [float(np.exp(0.5)), float(np.exp(0.5)), float(np.exp(1.0)), float(np.exp(2.0)), algos.MAX_ADVANTAGE_WEIGHT,
               float(np.exp(1.0))]
+    kept = [1, 0, 1, 0, 1, 0]
     agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16,
                                    device="cpu", weight_temperature=0.1)
-    for threshold, kept in ((0.0, [1, 0, 1, 0, 1, 0]), (-0.1, [1, 0, 1, 1, 1, 1]), (-0.2, [1, 1, 1, 1, 1, 1])):
-        agent.filter_threshold = torch.tensor(threshold)
-        weight = agent._advantage_weight(advantage, episode_advantage).squeeze(1).tolist()
-        assert weight == pytest.approx([w * k for w, k in zip(lifted, kept)]), threshold
-
-
-def test_episode_filter_keeps_the_whole_upper_group_when_its_judgements_scatter_around_zero(tiny_dataset):
-    """Late in training V at a start sits near the best return seen from such starts, so the
-    good episodes' judgements scatter around 0 and the poor ones' sit far below: the filter
-    keeps every good episode and no poor one, whatever the unit of reward; judgements that
-    are all above 0 are all kept."""
-    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), train_test_split=0.8, seed=0)
-    agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu")
-    good = torch.tensor([0.12, -0.08, 0.03, -0.15, 0.2, -0.02, 0.07, -0.11])
-    poor = torch.tensor([-0.7, -0.85, -0.62, -0.95, -0.78, -1.0])
-    for scale in (1.0, 0.01, 50.0):
-        agent.episode_advantage = torch.cat([good, poor, torch.tensor([float("nan")])]) * scale
-        agent._update_filter_threshold()
-        kept = agent._kept(agent.episode_advantage).tolist()
-        assert kept == [True] * len(good) + [False] * len(poor) + [True], scale
-    agent.episode_advantage = torch.tensor([0.3, 0.1, 0.5, 0.2])
-    agent._update_filter_threshold()
-    assert agent._kept(agent.episode_advantage).all()
+    weight = agent._advantage_weight(advantage, episode_advantage).squeeze(1).tolist()
+    assert weight == pytest.approx([w * k for w, k in zip(lifted, kept)])
 
 
 def test_every_training_episode_is_judged_at_its_first_row(tiny_dataset):
