@@ -210,6 +210,8 @@ def train(config, argv, folder, ckpt, ckpt_path, continuing):
         "dataset": buffer.facts(), "shapes": agent.shapes, "algo": config.algo,
         "best_model_criterion": {"metric": criterion[0], "better": "higher" if criterion[1] == "max" else "lower",
                                  "source": "simulator rollouts" if evaluator else "held-out test split"},
+        "offline_criterion": {"metric": agent.offline_criterion[0],
+                              "better": "higher" if agent.offline_criterion[1] == "max" else "lower"},
         "simulator": ({"name": evaluator.name, "config": evaluator.config, "eval_seeds": evaluator.seeds,
                        "reference_returns": evaluator.references} if evaluator else None),
         "torch": torch.__version__, "device": str(device), "data_storage": str(buffer.storage_device),

@@ -91,9 +91,6 @@ PRESETS = {
     "full": {"image_size": 32, "n_samples": 20000, "max_timesteps": 3000, "score_every": 500, "eval_episodes": 100,
              "jobs": 2},
 }
-# The agents' offline_criterion (algos_vae_multimodal.py), for runs whose model_best was
-# chosen by rollouts (params.json then names that instead).
-OFFLINE_CRITERIA = {"lapo": "test_good_action_mse", "bc": "test_action_mse"}
 MIN_CHECKPOINTS_FOR_RANKS = 3
 # Settings that do not change what a run computes, or name where it is: not compared.
 NOT_COMPARED = ("ExpID", "log_dir", "device", "data_on_device", "overwrite", "resume", "load_model")
@@ -470,18 +467,20 @@ def score_run(folder, sim_name, sim_config, seeds, delete_scored):
     return scores
 
 
-def criterion_by_step(folder, algo):
-    """{step: offline criterion} from progress.csv, and the criterion's name."""
+def criterion_by_step(folder):
+    """{step: offline criterion} from progress.csv, the criterion's name and whether lower
+    is better: the agent's offline criterion as params.json records it (what model_best is
+    chosen by where no simulator exists, as on a robot)."""
     with open(os.path.join(folder, "params.json")) as f:
-        chosen = json.load(f).get("best_model_criterion") or {}
-    name = chosen["metric"] if chosen.get("source") == "held-out test split" else OFFLINE_CRITERIA[algo]
+        criterion = json.load(f)["offline_criterion"]
+    name = criterion["metric"]
     out = {}
     for row in experiment.ProgressLog(os.path.join(folder, "progress.csv")).rows():
         try:
             out[int(row["steps"])] = float(row[name])
         except (KeyError, ValueError, TypeError):
             pass
-    return out, name
+    return out, name, criterion["better"] == "lower"
 
 
 def estimate_minutes(n_lapo, n_bc, steps, image_size, jobs, n_checkpoints, threads):
@@ -503,7 +502,7 @@ def build_parser():
     which.add_argument("--split", choices=("dev", "test", "all"), default="dev", help="variants to run (default: dev)")
     which.add_argument("--variants", nargs="+", choices=list(simulator.VARIANTS), metavar="NAME",
                        help="these variants instead (any split; see create_dataset.py --list_variants)")
-    a("--algos", nargs="+", default=["lapo", "bc"], choices=list(OFFLINE_CRITERIA))
+    a("--algos", nargs="+", default=["lapo", "bc"], choices=config_lib.ALGOS)
     a("--seeds", type=int, nargs="+", default=[0, 1, 2])
     a("--n_samples", type=int, help="rows recorded per variant (screen 5000, full 20000)")
     a("--image_size", type=int, help="image side in pixels (screen 16, full 32)")
@@ -626,8 +625,8 @@ def main(argv=None):
     per_run = {}
     for name in scored:
         run = runs[name]
-        crit, crit_name = criterion_by_step(run["folder"], run["algo"])
-        summary = summarize_run(scored[name], crit, references[run["variant"]])
+        crit, crit_name, lower_is_better = criterion_by_step(run["folder"])
+        summary = summarize_run(scored[name], crit, references[run["variant"]], lower_is_better)
         summary.update(criterion=crit_name, folder=run["folder"], checkpoints=scored[name])
         per_run.setdefault(run["variant"], {}).setdefault(run["algo"], {})[run["seed"]] = summary
     timing = (f"Wall time: {(time.time() - t0) / 60:.1f} min ({len(commands)} run(s) trained in "
