@@ -259,7 +259,7 @@ def train(config, argv, folder, ckpt, ckpt_path, continuing):
     if stop():
         print(f"\nStopped at step {agent.total_it} ({signal.Signals(stop.signum).name}). "
               f"Checkpoint: {os.path.join(folder, f'model_{agent.total_it}.pth')}\n"
-              f"Resume with:\n  {experiment.resume_command(argv, config.ExpID)}")
+              f"Resume with:\n  {experiment.resume_command(argv, config.ExpID).replace('python', distributed.launcher(), 1)}")
         return 128 + stop.signum
     save_checkpoint(agent, "model_final", folder, best)
     print(f"\nDone: {steps_done} steps in {human_time(elapsed)} ({steps_done / max(elapsed, 1e-9):.2f} steps/s).")

@@ -60,6 +60,11 @@ def rank():
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def launcher():
+    """The command that starts a run like this one: python, or torchrun with its process count."""
+    return f"torchrun --nproc_per_node={world_size()}" if world_size() > 1 else "python"
+
+
 def local_world_size():
     """Processes of this run on this machine (they share its RAM)."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

@@ -29,6 +29,7 @@ the draws since the last rotation are part of ``rng_state``; the resident blocks
 again from that position, so a resumed run draws the same batches.
 """
 import os
+import signal
 
 import h5py
 import numpy as np
@@ -106,6 +107,14 @@ class BlockReader(torch.utils.data.Dataset):
         if self._file is None:
             self._file = h5py.File(self.path, "r")
         return torch.from_numpy(read_images(self._file, slice(*self.blocks[i])))
+
+
+def _ignore_stop_signals(worker_id):
+    """A reader leaves the signals to its training process: Ctrl-C and torchrun's SIGTERM reach
+    the whole process group, and a reader killed by one would fail the run before it can save
+    its checkpoint. Readers end with their training process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class BlockOrder(torch.utils.data.Sampler):
@@ -198,7 +207,11 @@ class StreamReplayBuffer(MultimodalReplayBuffer):
         self._loader_iter = None   # ends the previous workers
         loader = torch.utils.data.DataLoader(
             self._reader, batch_size=None, sampler=BlockOrder(len(self.blocks), self.sample_seed, position),
-            num_workers=self.workers, prefetch_factor=PREFETCH_BLOCKS, pin_memory=self._pin)
+            num_workers=self.workers, prefetch_factor=PREFETCH_BLOCKS, pin_memory=self._pin,
+            worker_init_fn=_ignore_stop_signals,
+            # its own seed for the workers: starting the stream must not draw from torch's
+            # global generator, or a resumed run would draw other noise than the straight run
+            generator=torch.Generator().manual_seed(self.sample_seed))
         self._loader_iter = iter(loader)
         self.position, self._draws = position, draws
         self._active = []          # [(block, slot)], oldest first

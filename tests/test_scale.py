@@ -4,6 +4,7 @@ import csv
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,6 +80,29 @@ def test_stream_resumes_with_the_same_batches(small_file):
     resumed.set_rng_state(state)
     for a in expected:
         assert_same_batch(a, resumed.sample(32))
+
+
+def test_a_stream_mode_run_resumed_from_its_checkpoint_ends_bit_identical(tmp_path, small_file):
+    """Killed after its step-3 checkpoint and resumed, a stream-mode run ends where the run that
+    was never stopped does: the stream restarts at its position and takes no global randomness."""
+    common = ["--hdf5_path", small_file, "--log_dir", tmp_path / "results", *TINY_TRAIN, "--max_timesteps", 6,
+              "--eval_freq", 3, "--save_freq", 3, "--data_mode", "stream", "--shuffle_rows", 80, "--seed", 5]
+    one = run_cli("main_multimodal.py", *common, "--ExpID", "one", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-2000:]
+    one_folder, two_folder = (tmp_path / "results" / f"Exp{e}" / "multimodal_robot" for e in ("one", "two"))
+    two_folder.mkdir(parents=True)
+    for name in ("model_3.pth", "params.json", "progress.csv"):
+        shutil.copy(one_folder / name, two_folder / name)
+    two = run_cli("main_multimodal.py", *common, "--ExpID", "two", "--resume", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert_same_networks(one_folder / "model_final.pth", two_folder / "model_final.pth")
+
+
+def assert_same_networks(path_a, path_b):
+    a, b = (algos.read_checkpoint(p)["networks"] for p in (path_a, path_b))
+    for net in a:
+        for key in a[net]:
+            assert torch.equal(a[net][key], b[net][key]), (net, key)
 
 
 def test_auto_chooses_memory_when_the_images_fit_and_stream_when_they_do_not():
@@ -166,7 +190,10 @@ def test_two_processes_under_torchrun_train_one_run_with_identical_parameters(tm
 def test_sigterm_to_torchrun_checkpoints_once_and_the_resume_is_exact(tmp_path, small_file):
     """SIGTERM to the torchrun job: both ranks stop at the same step, one checkpoint is written
     there, and a resumed run ends bit-identical to a run that was never stopped."""
-    common = ["--seed", 5, "--eval_freq", 2, "--save_freq", 1000, "--data_mode", "stream", "--shuffle_rows", 80]
+    # a constant encoder learning rate: the stopped run and the straight one differ in --max_timesteps;
+    # an evaluation every step: the stop evaluates, and offline_metrics draws the CVAE's noise
+    common = ["--seed", 5, "--eval_freq", 1, "--save_freq", 1000, "--data_mode", "stream", "--shuffle_rows", 80,
+              "--encoder_lr_decay", 0]
     folder = tmp_path / "results" / "Expsig" / "multimodal_robot"
     proc = torchrun(tmp_path, small_file, "sig", *common, "--max_timesteps", 1000, popen=True)
     deadline = time.time() + 240
@@ -184,8 +211,5 @@ def test_sigterm_to_torchrun_checkpoints_once_and_the_resume_is_exact(tmp_path, 
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     straight = torchrun(tmp_path, small_file, "straight", *common, "--max_timesteps", end)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    a = algos.read_checkpoint(folder / "model_final.pth")["networks"]
-    b = algos.read_checkpoint(tmp_path / "results" / "Expstraight" / "multimodal_robot" / "model_final.pth")["networks"]
-    for net in a:
-        for key in a[net]:
-            assert torch.equal(a[net][key], b[net][key]), (net, key)
+    assert_same_networks(folder / "model_final.pth",
+                         tmp_path / "results" / "Expstraight" / "multimodal_robot" / "model_final.pth")
