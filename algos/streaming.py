@@ -209,6 +209,9 @@ class StreamReplayBuffer(MultimodalReplayBuffer):
             self._reader, batch_size=None, sampler=BlockOrder(len(self.blocks), self.sample_seed, position),
             num_workers=self.workers, prefetch_factor=PREFETCH_BLOCKS, pin_memory=self._pin,
             worker_init_fn=_ignore_stop_signals,
+            # spawned, not forked: a fork of a training process inherits its thread pools
+            # (and aborts on exit) and HDF5's state; a spawned reader starts clean
+            multiprocessing_context="spawn", persistent_workers=True,
             # its own seed for the workers: starting the stream must not draw from torch's
             # global generator, or a resumed run would draw other noise than the straight run
             generator=torch.Generator().manual_seed(self.sample_seed))
@@ -262,7 +265,8 @@ class StreamReplayBuffer(MultimodalReplayBuffer):
         """The oldest block leaves, the staged one serves, the next one is staged."""
         old_block, old_slot = self._active.pop(0)
         start, stop = self.blocks[old_block]
-        self.slot_of_row[start:stop] = -1
+        if all(block != old_block for block, _ in self._active):   # across an epoch's end a block
+            self.slot_of_row[start:stop] = -1                       # can serve twice at once
         self.slot_of_row[self._fixed_rows] = torch.arange(self.n_fixed, device=self.storage_device)
         self._activate_incoming()
         self._stage(old_slot)

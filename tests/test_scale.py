@@ -57,17 +57,23 @@ def test_stream_with_the_whole_file_in_its_shuffle_buffer_draws_memory_modes_bat
 
 def test_stream_serves_every_training_row_over_an_epoch_as_memory_mode_does(small_file):
     """A shuffle buffer of two blocks of 40 rows: over an epoch of the stream every training
-    row is served, only training rows are, each as the same transition as in memory mode."""
+    row is served, only training rows are, each as the same transition as in memory mode;
+    and so on over more epochs (where a block can come round again while it still serves)."""
     memory, stream = buffers(small_file, shuffle_rows=80, block_rows=40)
     assert stream.rotates and stream.n_active == 2
     row_of_joint = {memory.joint[r].numpy().tobytes(): r for r in range(memory.n_rows)}
     served = set()
-    for _ in range(len(stream.blocks) + stream.n_active):
-        batch = stream.sample(2000)   # far more draws than a block holds: each call rotates one block
-        rows = torch.tensor([row_of_joint[j.numpy().tobytes()] for j in batch.joint])
-        assert_same_batch(memory.gather(rows), batch)
-        served |= set(rows.tolist())
-    assert served == set(memory.train_rows.tolist())
+    n = len(stream.blocks)
+    epochs = 30
+    # the case that must hold up: a block that ends one epoch and starts the next
+    assert any(stream.order.block_at(e * n - 1) == stream.order.block_at(e * n) for e in range(1, epochs))
+    for epoch in range(epochs):
+        for _ in range(n):
+            batch = stream.sample(2000)   # far more draws than a block holds: each call rotates one block
+            rows = torch.tensor([row_of_joint[j.numpy().tobytes()] for j in batch.joint])
+            assert_same_batch(memory.gather(rows), batch)
+            served |= set(rows.tolist())
+        assert served == set(memory.train_rows.tolist()), epoch
 
 
 def test_stream_resumes_with_the_same_batches(small_file):
