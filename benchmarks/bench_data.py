@@ -10,8 +10,9 @@ rows, then prints:
     mode on the small file and of stream mode on the large one;
   * the real ``MultimodalLatent.train`` step at ``--batch_size`` on each (CPU), and the
     slowdown of stream mode against memory mode;
-  * the peak RSS of a stream-mode process (and of its reader processes) on the small and on
-    the large file: it must not grow with the file.
+  * the peak RSS of a stream-mode process (and of its reader processes) on a file of a
+    quarter of ``--rows`` and on the large file, both larger than the shuffle buffer: it must
+    not grow with the file.
 Before each stream measurement the file's pages are dropped from the page cache with
 posix_fadvise(DONTNEED) (this file's alone; no root, no effect on other processes' files),
 so the first epoch of the stream reads from the disk. The files are deleted at the end
@@ -124,10 +125,11 @@ def main(argv=None):
     os.makedirs(args.dir, exist_ok=True)
     large = args.keep or os.path.join(args.dir, f"bench_data_{args.rows}.hdf5")
     small = os.path.join(args.dir, f"bench_data_{args.small_rows}.hdf5")
+    quarter = os.path.join(args.dir, f"bench_data_{args.rows // 4}.hdf5")
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     try:
         t = time.perf_counter()
-        for path, rows in ((large, args.rows), (small, args.small_rows)):
+        for path, rows in ((large, args.rows), (small, args.small_rows), (quarter, args.rows // 4)):
             if not os.path.exists(path):
                 write_file(path, rows, args.image_size)
         print(f"files: {os.path.getsize(large) / 2**30:.2f} GB ({args.rows} rows) and "
@@ -162,13 +164,13 @@ def main(argv=None):
                   f"stream/memory {step['stream'] / step['memory']:.3f}", flush=True)
         del memory, stream, agents
 
-        for path in (small, large):
+        for path in (quarter, large):
             peak, readers, rotations = stream_memory(path, args.batch_size, args.memory_batches, args.workers)
             print(f"stream mode peak RSS, {os.path.getsize(path) / 2**30:.2f} GB file: {peak:.2f} GB "
                   f"(readers: {readers:.2f} GB each at most; {args.memory_batches} batches, {rotations} rotations)",
                   flush=True)
     finally:
-        for path in (small,) if args.keep else (small, large):
+        for path in (small, quarter) if args.keep else (small, quarter, large):
             if os.path.exists(path):
                 os.remove(path)
 
