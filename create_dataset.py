@@ -8,10 +8,15 @@
     python create_dataset.py --from_robomimic image.hdf5 --output can.hdf5 --joint_keys robot0_eef_pos robot0_gripper_qpos
     python create_dataset.py --from_lerobot ~/lerobot_data/aloha_sim --output sim.hdf5
     python create_dataset.py --preview --hdf5_path aloha.hdf5 --out sheet.png
+    python create_dataset.py --rechunk --hdf5_path badly_chunked.hdf5 --output data.hdf5
 
 A variant (--variant) is a named benchmark recording: task, reward, episode length and
 mix of operators. --task, --mix, --reward and --max_episode_steps given with it replace
 the variant's own; the file's attributes name the variant and its split (dev or test).
+
+Chunk layout: --create_sample writes contiguous datasets, the importers and --rechunk
+chunks of 64 whole rows, uncompressed: the layouts that training's stream mode
+(--data_mode stream) reads in large contiguous slices.
 """
 import argparse
 import os
@@ -19,7 +24,7 @@ import sys
 
 from algos import importers, preview, simulator
 from algos.experiment import UserError
-from algos.hdf5_format import format_validation_report, inspect_hdf5
+from algos.hdf5_format import CHUNK_ROWS, DatasetError, format_validation_report, inspect_hdf5, rechunk
 
 PLAIN_SAMPLE_MIX = "expert=0.333,wrong=0.333,noisy=0.334"   # without --variant or --mix
 SAMPLE_OUTPUT = "sample_data.hdf5"                        # --create_sample without --output
@@ -41,7 +46,11 @@ def build_parser():
                       help="import a local LeRobot v3.0 dataset folder (needs: pip install pyarrow av)")
     mode.add_argument("--preview", action="store_true",
                       help="write a PNG contact sheet of --hdf5_path and print per-episode statistics")
-    p.add_argument("--hdf5_path", help="file to validate or preview")
+    mode.add_argument("--rechunk", action="store_true",
+                      help=f"rewrite --hdf5_path as --output in chunks of {CHUNK_ROWS} whole rows, uncompressed, "
+                           "the layout stream-mode training reads fast (a file chunked across images, or in "
+                           "huge chunks, reads slowly)")
+    p.add_argument("--hdf5_path", help="file to validate, preview or rechunk")
     p.add_argument("--output", default=None, help=f"file to create (--create_sample default: {SAMPLE_OUTPUT})")
     imp = p.add_argument_group("importing (--from_aloha, --from_robomimic, --from_lerobot)")
     imp.add_argument("--cameras", nargs=3, metavar=("LEFT", "RIGHT", "GLOBAL"),
@@ -118,6 +127,17 @@ def run(parser, args, size):
             parser.error("--preview needs --hdf5_path FILE")
         out = args.out or os.path.splitext(str(args.hdf5_path))[0] + ".png"
         print(preview.preview(args.hdf5_path, out, args.preview_episodes, args.preview_frames))
+        return 0
+    if args.rechunk:
+        if not args.hdf5_path or not args.output:
+            parser.error("--rechunk needs --hdf5_path FILE and --output FILE")
+        if os.path.abspath(args.hdf5_path) == os.path.abspath(args.output):
+            parser.error("--rechunk: --output must be another file than --hdf5_path")
+        try:
+            n = rechunk(args.hdf5_path, args.output)
+        except DatasetError as exc:
+            raise UserError(str(exc)) from None
+        print(f"✓ Wrote {args.output}: {n} rows in chunks of {CHUNK_ROWS} rows")
         return 0
     if args.list_variants:
         print("\n".join(simulator.variants_table()))

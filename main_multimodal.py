@@ -4,6 +4,7 @@
     python main_multimodal.py --hdf5_path data.hdf5 --ExpID 0001 --device cuda
     python main_multimodal.py --hdf5_path data.hdf5 --ExpID 0001 --resume
     python main_multimodal.py --hdf5_path data.hdf5 --ExpID 0002 --load_model 0001:25000 --max_timesteps 100000
+    torchrun --nproc_per_node=2 main_multimodal.py --hdf5_path data.hdf5 --ExpID 0003   # two processes
 
 Results go to {log_dir}/Exp{ExpID}/multimodal_robot/: progress.csv (one row per
 evaluation) and its plot progress.png, params.json, model_{step}.pth every save_freq (the
@@ -12,6 +13,9 @@ policy_best.pth and policy_final.pth (acting only: deploy, export_policy.py, eva
 Every flag is a field of algos/config.py's TrainConfig, where its default lives. --resume
 and --load_model take the checkpoint's data, model and algorithm settings; a flag that
 contradicts them is an error (--load_model may name another --hdf5_path, split and seed).
+Under torchrun, --batch_size is per process (the effective batch is N x --batch_size, the
+learning rates are those of one process: gradients are averaged) and only rank 0 writes;
+algos/distributed.py says how the ranks stay one run.
 """
 import os
 import random
@@ -27,7 +31,7 @@ from tqdm import tqdm
 
 from algos import algos_vae_multimodal as algos
 from algos import config as config_lib
-from algos import experiment, hdf5_format, outputs, simulator
+from algos import distributed, experiment, hdf5_format, outputs, simulator, streaming
 from algos import utils_multimodal as utils
 from algos.experiment import UserError
 
@@ -93,17 +97,22 @@ def run(argv):
     config, explicit = parse_config(argv)
     if config.tensorboard:
         outputs.check_tensorboard()
+    distributed.start(config.device)
     demo = config.hdf5_path is None
     if demo:
         config = config_lib.replace(config, hdf5_path=config_lib.DEMO_DATASET["hdf5_path"])
     for name, (full, short) in config_lib.RUN_LENGTHS.items():
         if getattr(config, name) is None:
             config = config_lib.replace(config, **{name: short if demo else full})
-    if config.ExpID is None:
-        config = config_lib.replace(config, ExpID=experiment.next_free_exp_id(config.log_dir))
 
-    created_folder = not os.path.isdir(experiment.experiment_dir(config.log_dir, config.ExpID))
-    folder, ckpt_path, continuing = experiment.prepare_experiment(config)
+    def prepare(config):   # the folder is rank 0's to choose and create
+        if config.ExpID is None:
+            config = config_lib.replace(config, ExpID=experiment.next_free_exp_id(config.log_dir))
+        created = not os.path.isdir(experiment.experiment_dir(config.log_dir, config.ExpID))
+        return (config.ExpID, created) + experiment.prepare_experiment(config)
+
+    exp_id, created_folder, folder, ckpt_path, continuing = distributed.run_on_main(lambda: prepare(config))
+    config = config_lib.replace(config, ExpID=exp_id)
     try:
         ckpt = None
         if ckpt_path:
@@ -113,25 +122,35 @@ def run(argv):
                                 "optimisers or random state); continue from a training checkpoint "
                                 "(model_{step}.pth, model_final.pth)")
             config = with_checkpoint_settings(config, explicit, ckpt["config"], ckpt_path, continuing)
-        if demo and not os.path.exists(config.hdf5_path):
-            d = config_lib.DEMO_DATASET
-            print(f"No --hdf5_path given: recording the built-in sample dataset {config.hdf5_path} "
-                  f"({d['n_samples']} transitions, {d['image_size']}x{d['image_size']} images)...")
-            simulator.create_sample_dataset(config.hdf5_path, d["n_samples"], (d["image_size"],) * 2)
+        if demo:
+            distributed.run_on_main(lambda: record_demo_dataset(config.hdf5_path))
         return train(config, argv, folder, ckpt, ckpt_path, continuing)
     except BaseException:
         # A run that failed before writing anything leaves no empty experiment folder behind.
-        if created_folder and os.path.isdir(folder) and not os.listdir(folder):
+        if created_folder and distributed.is_main() and os.path.isdir(folder) and not os.listdir(folder):
             shutil.rmtree(os.path.dirname(folder), ignore_errors=True)
         raise
 
 
+def record_demo_dataset(path):
+    if not os.path.exists(path):
+        d = config_lib.DEMO_DATASET
+        print(f"No --hdf5_path given: recording the built-in sample dataset {path} "
+              f"({d['n_samples']} transitions, {d['image_size']}x{d['image_size']} images)...")
+        simulator.create_sample_dataset(path, d["n_samples"], (d["image_size"],) * 2)
+
+
 def make_buffer(config, device, ckpt=None, ckpt_path=None):
-    """Validate and load the dataset, then split and normalise it (with a checkpoint's
-    statistics when going on from one, so the networks keep their units)."""
+    """Validate and load the dataset (its images too in memory mode, see --data_mode), then
+    split and normalise it (with a checkpoint's statistics when going on from one, so the
+    networks keep their units)."""
     seed_everything(config.seed)
+    summary = hdf5_format.inspect_hdf5(config.hdf5_path, check_values=False)
+    image_bytes = summary.n_rows * len(hdf5_format.IMAGE_KEYS) * 3 * int(np.prod(summary.image_shape or (0,)))
+    mode = streaming.choose_data_mode(config.data_mode, image_bytes, config.memory_limit_gb,
+                                      distributed.local_world_size())
     try:
-        dataset = hdf5_format.load_dataset(config.hdf5_path)
+        dataset = hdf5_format.load_dataset(config.hdf5_path, images=mode == "memory")
     except hdf5_format.DatasetError as exc:
         raise UserError(str(exc)) from None
     for warning in dataset.warnings:
@@ -147,17 +166,23 @@ def make_buffer(config, device, ckpt=None, ckpt_path=None):
         normalization = utils.Normalization.from_state_dict(ckpt["normalization"])
     storage = "cpu"
     if device.type == "cuda" and config.data_on_device != "no":
+        # in stream mode only the shuffle buffer is stored: on the GPU, filled from pinned memory
         free, _ = torch.cuda.mem_get_info(device)
-        if config.data_on_device == "yes" or dataset.images.nbytes < 0.5 * free:
+        if config.data_on_device == "yes" or mode == "stream" or dataset.images.nbytes < 0.5 * free:
             storage = device
+    buffer_class = streaming.StreamReplayBuffer if mode == "stream" else utils.MultimodalReplayBuffer
     try:
-        buffer = utils.MultimodalReplayBuffer(dataset, config, device=device, storage_device=storage,
-                                              normalization=normalization)
+        buffer = buffer_class(dataset, config, device=device, storage_device=storage,
+                              normalization=normalization, rank=distributed.rank())
     except ValueError as exc:
         raise UserError(f"{config.hdf5_path}: {exc}") from None
     if config.batch_size > buffer.n_train:
         raise UserError(f"--batch_size {config.batch_size} is larger than the training split "
                         f"({buffer.n_train} transitions of {config.hdf5_path})")
+    if mode == "stream":
+        print(f"Stream mode: {image_bytes / 2**30:.2f} GB of images in {config.hdf5_path}, "
+              f"{buffer.resident_image_bytes / 2**30:.2f} GB of them resident ({buffer.n_active} of "
+              f"{len(buffer.blocks)} blocks in the shuffle buffer, the held-out and first rows)")
     return buffer
 
 
@@ -182,11 +207,15 @@ def make_evaluator(config, buffer, agent):
 
 
 def train(config, argv, folder, ckpt, ckpt_path, continuing):
-    device = torch.device(algos.default_device(config.device))
+    device = distributed.start(config.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     buffer = make_buffer(config, device, ckpt, ckpt_path)
     agent = algos.make_agent(config, replay_buffer=buffer, device=device)
+    if distributed.world_size() > 1:
+        distributed.broadcast_modules(agent._modules().values())
+        distributed.average_gradients(agent._optimizers().values())
+        seed_everything(config.seed + distributed.rank())   # each rank its own noise and augmentation
     progress = experiment.ProgressLog(os.path.join(folder, "progress.csv"))
     best = None   # {"value", "step", "metric"} of policy_best
     evaluator, criterion = make_evaluator(config, buffer, agent)
@@ -194,7 +223,8 @@ def train(config, argv, folder, ckpt, ckpt_path, continuing):
         if ckpt["algo"] != config.algo:
             raise UserError(f"{ckpt_path}: checkpoint holds a '{ckpt['algo']}' agent; run with --algo {ckpt['algo']}")
         agent.apply_checkpoint(ckpt, ckpt_path, restore_rng=True)
-        dropped = progress.truncate_after(agent.total_it) if continuing else 0
+        restore_rank_rng(ckpt, agent)
+        dropped = progress.truncate_after(agent.total_it) if continuing and distributed.is_main() else 0
         # only this folder's own record: another experiment's best was judged on other rows or by another metric
         recorded = ckpt.get("extra", {}).get("best")
         if continuing and recorded and recorded.get("metric") == criterion[0]:
@@ -205,7 +235,7 @@ def train(config, argv, folder, ckpt, ckpt_path, continuing):
         raise UserError(f"the checkpoint is at step {agent.total_it}, not below --max_timesteps "
                         f"{config.max_timesteps}; raise --max_timesteps to train further")
 
-    experiment.write_json_atomic({
+    distributed.run_on_main(lambda: experiment.write_json_atomic({
         "config": config_lib.to_dict(config), "command": " ".join(["python", "main_multimodal.py"] + list(argv)),
         "dataset": buffer.facts(), "shapes": agent.shapes, "algo": config.algo,
         "best_model_criterion": {"metric": criterion[0], "better": "higher" if criterion[1] == "max" else "lower",
@@ -217,7 +247,8 @@ def train(config, argv, folder, ckpt, ckpt_path, continuing):
         "torch": torch.__version__, "device": str(device), "data_storage": str(buffer.storage_device),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "resumed_from": os.path.abspath(ckpt_path) if ckpt_path else None,
-    }, os.path.join(folder, "params.json"))
+        "processes": distributed.world_size(), "effective_batch_size": config.batch_size * distributed.world_size(),
+    }, os.path.join(folder, "params.json")))
     print(f"Experiment {config.ExpID} [{config.algo}] on {device}: {buffer.n_rows} transitions "
           f"({buffer.n_train_episodes} train / {buffer.n_test_episodes} test episodes), images "
           f"{buffer.image_shape[0]}x{buffer.image_shape[1]}, joint {buffer.joint_dim}, action {buffer.action_dim}; "
@@ -227,27 +258,35 @@ def train(config, argv, folder, ckpt, ckpt_path, continuing):
     # on resume, events after the checkpoint's step go, as progress.csv's rows did
     tensorboard = (outputs.TensorBoardLog(os.path.join(folder, "tensorboard"),
                                           purge_step=agent.total_it + 1 if continuing else None)
-                   if config.tensorboard else None)
+                   if config.tensorboard and distributed.is_main() else None)
     start_step, t_run = agent.total_it, time.time()
     try:
-        with experiment.StopFlag() as stop:
+        with experiment.StopFlag() as flag:
+            stop = distributed.agreed_stop(flag, device)
             last_row, best, last_saved = train_loop(agent, config, folder, progress, evaluator, criterion, best,
                                                     stop, tensorboard)
     finally:
         if tensorboard is not None:
             tensorboard.close()
     elapsed, steps_done = time.time() - t_run, agent.total_it - start_step
+    if distributed.world_size() > 1:   # the promise of algos/distributed.py, checked
+        same, digest = distributed.parameters_agree(agent._modules().values())
+        if not same:
+            raise RuntimeError(f"the {distributed.world_size()} ranks' parameters differ at step {agent.total_it}")
+        print(f"Parameters identical on all {distributed.world_size()} ranks at step {agent.total_it} "
+              f"(sha256 {digest[:16]})")
     if stop():
         print(f"\nStopped at step {agent.total_it} ({signal.Signals(stop.signum).name}). "
               f"Checkpoint: {os.path.join(folder, f'model_{agent.total_it}.pth')}\n"
-              f"Resume with:\n  {experiment.resume_command(argv, config.ExpID)}")
+              f"Resume with:\n  {experiment.resume_command(argv, config.ExpID).replace('python', distributed.launcher(), 1)}")
         return 128 + stop.signum
     extra = checkpoint_extra(best, evaluator)
     # the model_{step}.pth this run saved at its last step holds the same: a second name, not a second copy
     same = last_saved if last_saved and experiment.checkpoint_step(last_saved) == agent.total_it else None
-    if not (same and experiment.link_atomic(same, os.path.join(folder, "model_final.pth"))):
-        agent.save("model_final", folder, extra=extra)
-    agent.save("policy_final", folder, extra=extra, policy_only=True)
+    if not (same and distributed.world_size() == 1 and experiment.link_atomic(same, os.path.join(folder, "model_final.pth"))):
+        save_checkpoint(agent, "model_final", folder, extra)
+    if distributed.is_main():
+        agent.save("policy_final", folder, extra=extra, policy_only=True)
     print(f"\nDone: {steps_done} steps in {human_time(elapsed)} ({steps_done / max(elapsed, 1e-9):.2f} steps/s).")
     if last_row is not None:
         print("Last evaluation: " + _row_summary(last_row, criterion[0]))
@@ -273,7 +312,7 @@ def train_loop(agent, config, folder, progress, evaluator, criterion, best, stop
     t_start = t_row = time.time()
     steps_row = agent.total_it
     pbar = tqdm(total=config.max_timesteps, initial=agent.total_it, desc=f"Exp{config.ExpID} {config.algo}",
-                unit="step", dynamic_ncols=True)
+                unit="step", dynamic_ncols=True, disable=not distributed.is_main())
     with pbar:
         while agent.total_it < config.max_timesteps:
             step = agent.total_it
@@ -294,7 +333,8 @@ def train_loop(agent, config, folder, progress, evaluator, criterion, best, stop
             loss_steps += out["iterations"]
             interrupted = stop()
             already_logged = last_row is not None and last_row["steps"] == step   # a stop right after a row
-            if (step % config.eval_freq == 0 or step >= config.max_timesteps or interrupted) and not already_logged:
+            due = step % config.eval_freq == 0 or step >= config.max_timesteps or interrupted
+            if due and not already_logged and distributed.is_main():   # the other ranks go on to the next step
                 now = time.time()
                 row = {"steps": step, "AverageReturn": None, "StdReturn": None, "SuccessRate": None,
                        "NormalizedScore": None, "steps_per_s": (step - steps_row) / max(now - t_row, 1e-9)}
@@ -316,11 +356,40 @@ def train_loop(agent, config, folder, progress, evaluator, criterion, best, stop
                 pbar.write(_row_summary(row, criterion[0]))
                 t_row, steps_row = time.time(), step
             if step % config.save_freq == 0 or interrupted:
-                last_saved = agent.save(f"model_{step}", folder, extra=checkpoint_extra(best, evaluator))
-                experiment.prune_step_checkpoints(folder, config.keep_last, step)
+                last_saved = save_checkpoint(agent, f"model_{step}", folder, checkpoint_extra(best, evaluator))
+                if distributed.is_main():
+                    experiment.prune_step_checkpoints(folder, config.keep_last, step)
             if interrupted:
                 break
     return last_row, best, last_saved
+
+
+def save_checkpoint(agent, name, folder, extra):
+    """A checkpoint to continue from, written by rank 0 (its path; None on the other ranks);
+    every rank calls it at the same step. With several processes it also holds each rank's
+    random state, for an exact resume."""
+    extra = dict(extra)
+    if distributed.world_size() > 1:
+        extra["rng_by_rank"] = distributed.gather_objects(algos.capture_rng_state(agent.replay_buffer))
+    if distributed.is_main():
+        return agent.save(name, folder, extra=extra)
+    return None
+
+
+def restore_rank_rng(ckpt, agent):
+    """Under torchrun, this rank's own random state from the checkpoint (``apply_checkpoint``
+    restored rank 0's); from a checkpoint of another number of processes, fresh per-rank
+    streams, and the resume is not exact."""
+    if distributed.world_size() == 1:
+        return
+    states = ckpt.get("extra", {}).get("rng_by_rank")
+    if states and len(states) == distributed.world_size():
+        algos.restore_rng_state(states[distributed.rank()], agent.replay_buffer)
+    elif distributed.rank() > 0:
+        seed_everything(agent.config.seed + distributed.rank())
+        agent.replay_buffer.generator.manual_seed(agent.config.seed + distributed.rank())
+        print(f"warning: the checkpoint was written by another number of processes; rank {distributed.rank()} "
+              "draws fresh batches (the resume is not exact)", file=sys.stderr)
 
 
 def _row_summary(row, criterion):
@@ -349,9 +418,13 @@ def main(argv=None):
     except algos.CheckpointError as exc:   # a checkpoint given to read that cannot be used: bad input
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except distributed.MainRankFailed:   # rank 0 printed why
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("\nAborted by a second interrupt; the last complete checkpoint is kept.", file=sys.stderr)
         return 130
+    finally:
+        distributed.stop()
 
 
 if __name__ == "__main__":

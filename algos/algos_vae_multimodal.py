@@ -290,7 +290,7 @@ def capture_rng_state(replay_buffer=None):
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     if replay_buffer is not None:
-        state["sampler"] = replay_buffer.rng_state().cpu()
+        state["sampler"] = replay_buffer.rng_state()
     return state
 
 

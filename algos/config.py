@@ -121,6 +121,19 @@ class TrainConfig:
                                              "attributes; 'none' to disable)", "run")
     data_on_device: str = setting("auto", "CUDA: keep the uint8 dataset in GPU memory (auto: when it fits)", "run",
                                   choices=("auto", "yes", "no"))
+    data_mode: str = setting("auto", "memory: read the whole file into RAM; stream: read it in large contiguous "
+                                     "blocks of whole episodes through a shuffle buffer, with background "
+                                     "prefetch, so memory stays bounded whatever the file's size (auto: memory "
+                                     "when the uint8 images fit in --memory_limit_gb, else stream)", "run",
+                             choices=("auto", "memory", "stream"))
+    memory_limit_gb: Optional[float] = setting(None, "RAM the uint8 images may take for --data_mode auto to read "
+                                                     "them into memory (default: half the available RAM)", "run",
+                                               positive=True)
+    shuffle_rows: int = setting(16384, "stream mode: rows held in the shuffle buffer that batches are drawn from "
+                                       "(more: closer to uniform sampling over the file, more memory)", "run",
+                                positive=True)
+    stream_workers: int = setting(2, "stream mode: background processes that read blocks, each opening the "
+                                     "file itself", "run", positive=True)
     load_model: Optional[str] = setting(None, "start from a checkpoint: a step of this experiment (or of the one "
                                               "experiment that has it), EXPID:STEP, or a checkpoint path", "run",
                                         metavar="STEP|PATH")

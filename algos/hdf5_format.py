@@ -37,6 +37,11 @@ COUNTED_LABELS = ("operator", "success", "filter_keys")   # labels --validate co
 FLOAT_KEYS = ("observations/joint", "actions", "rewards")
 FLAG_KEYS = ("terminals", "timeouts")
 READ_ROWS = 2048          # rows per HDF5 read: large slices, bounded temporary memory
+# Chunk layout that stream mode (algos/streaming.py) reads well: whole rows, 64 of them a
+# chunk (0.4 to 9.6 MB of images at 84x84 to 224x224), so that a block of whole episodes is
+# one run of chunks read in a single slice. A contiguous (unchunked) dataset, as
+# create_dataset.py --create_sample writes, reads as well. The importers and --rechunk write it.
+CHUNK_ROWS = 64
 
 
 class DatasetError(Exception):
@@ -358,23 +363,38 @@ class OfflineDataset:
         return len(self.rewards)
 
 
-def load_dataset(path, progress=True):
+@dataclass
+class ImagesOnDisk:
+    """Stands in for the image array of a dataset loaded without its images (stream mode):
+    the shape and size of the uint8 array [N, 3 views, H, W, 3] that stays in the file."""
+
+    path: str
+    shape: tuple
+
+    @property
+    def nbytes(self):
+        return int(np.prod(self.shape))
+
+
+def load_dataset(path, progress=True, images=True):
     """Validate then read a dataset into memory; raises ``DatasetError`` listing every problem.
 
     Images are read in large slices straight into one preallocated uint8 array, so peak
-    memory is the dataset's uint8 size plus one slice.
+    memory is the dataset's uint8 size plus one slice. ``images=False`` reads everything
+    but the images, which an ``ImagesOnDisk`` stands for (stream mode reads them as it goes).
     """
     summary = inspect_hdf5(path)
     if not summary.ok:
         raise DatasetError(path, summary.problems)
     n, (h, w) = summary.n_rows, summary.image_shape
-    images = np.empty((n, len(IMAGE_KEYS), h, w, 3), np.uint8)
+    shape = (n, len(IMAGE_KEYS), h, w, 3)
+    images = np.empty(shape, np.uint8) if images else ImagesOnDisk(str(path), shape)
     key = None
     try:
         with h5py.File(path, "r") as f:
             bar = tqdm(total=n * len(IMAGE_KEYS), desc=f"Loading {os.path.basename(str(path))}", unit="img",
-                       unit_scale=True, disable=not progress, leave=False)
-            for v, view in enumerate(IMAGE_KEYS):
+                       unit_scale=True, disable=not progress or isinstance(images, ImagesOnDisk), leave=False)
+            for v, view in enumerate(IMAGE_KEYS if isinstance(images, np.ndarray) else ()):
                 key = f"observations/{view}"
                 dset = f[key]
                 step = READ_ROWS
@@ -476,3 +496,58 @@ class DatasetWriter:
         finally:
             if os.path.exists(self.tmp):
                 os.remove(self.tmp)
+
+
+# --------------------------------------------------------------------------- chunk layout
+def chunk_layout_problem(f):
+    """Why stream mode would read an open file's images slowly, or None: chunks that split a
+    row (each block then reads many small pieces) or that hold more rows than a block."""
+    for view in IMAGE_KEYS:
+        dset = f[f"observations/{view}"]
+        if dset.chunks is None:
+            continue
+        if tuple(dset.chunks[1:]) != tuple(dset.shape[1:]):
+            return f"observations/{view} is chunked {dset.chunks}, which splits each image"
+        if dset.chunks[0] > 16 * CHUNK_ROWS:
+            return f"observations/{view} is chunked {dset.chunks}: {dset.chunks[0]} rows per chunk"
+    return None
+
+
+def rechunk(source, output, progress=True):
+    """Rewrite ``source`` as ``output`` with every per-row dataset in chunks of ``CHUNK_ROWS``
+    whole rows, uncompressed (the layout stream mode reads well); everything else (attributes,
+    the episodes table, extra keys) is copied as it is. Written under a temporary name and
+    renamed when complete. Returns the number of rows."""
+    summary = inspect_hdf5(source, check_values=False)
+    if not summary.ok:
+        raise DatasetError(source, summary.problems)
+    n = summary.n_rows
+    tmp = temporary_path(output)
+    try:
+        with h5py.File(source, "r") as src, h5py.File(tmp, "w") as dst:
+            per_row = []
+
+            def copy(name, obj):
+                if isinstance(obj, h5py.Group):
+                    dst.require_group(name).attrs.update(obj.attrs)
+                elif obj.ndim >= 1 and obj.shape[0] == n and not name.startswith(EPISODES_GROUP + "/"):
+                    per_row.append(name)
+                    dst.create_dataset(name, obj.shape, obj.dtype, chunks=(min(CHUNK_ROWS, n),) + obj.shape[1:])
+                else:
+                    src.copy(obj, dst, name)
+
+            dst.attrs.update(src.attrs)
+            src.visititems(copy)
+            bar = tqdm(total=n * len(per_row), desc=f"Rechunking {os.path.basename(str(source))}", unit="row",
+                       unit_scale=True, disable=not progress, leave=False)
+            for name in per_row:
+                for start in range(0, n, READ_ROWS):
+                    stop = min(n, start + READ_ROWS)
+                    dst[name][start:stop] = src[name][start:stop]
+                    bar.update(stop - start)
+            bar.close()
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return n

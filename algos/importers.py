@@ -28,10 +28,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from algos.experiment import StopFlag, UserError
-from algos.hdf5_format import IMAGE_KEYS, DatasetWriter, format_validation_report, inspect_hdf5
+from algos.hdf5_format import CHUNK_ROWS, IMAGE_KEYS, DatasetWriter, format_validation_report, inspect_hdf5
 
 FRAME_BLOCK = 32          # input frames read and resized at a time
-CHUNK_ROWS = 64           # rows per HDF5 chunk of the output
 # Shrinking: Pillow first averages whole blocks of pixels (reduce by the largest integer factor,
 # reducing_gap=1), then resamples bilinearly with the filter's support scaled to the remaining
 # factor: anti-aliased, about area averaging, and 1.7x faster than bilinear over the whole factor.

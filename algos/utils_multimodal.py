@@ -238,11 +238,16 @@ class MultimodalReplayBuffer:
     when training goes on from one) replaces the statistics of this file, so that the
     networks keep the units they were trained in. Storage stays uint8; ``storage_device`` is
     where the images live (the training device when they fit there, else the CPU) and
-    batches are moved to ``device``.
+    batches are moved to ``device``. ``rank`` (a process of a multi-process run) offsets the
+    seed of the batches only, so that ranks draw different batches from the same split.
+
+    The images are held whole here; ``algos.streaming.StreamReplayBuffer`` holds a shuffle
+    buffer of them instead (the hooks ``_store_images``, ``slot_of_row`` and
+    ``_sampleable_rows``) and shares everything else: split, returns, normalisation, batches.
     """
 
     def __init__(self, dataset, config=None, device="cpu", storage_device=None, normalization=None,
-                 max_test_rows=1024, **settings):
+                 max_test_rows=1024, rank=0, **settings):
         config = config_lib.replace(config or config_lib.TrainConfig(), **settings)
         self.settings = {k: getattr(config, k) for k in BUFFER_SETTINGS}
         train_fraction, seed, discount = config.train_test_split, config.seed, config.discount
@@ -275,14 +280,9 @@ class MultimodalReplayBuffer:
             dataset.joint[in_train], dataset.actions[in_train], dataset.rewards, discount, relative_actions)
         norm = self.normalization
         dev = self.storage_device
-        # torch.from_numpy shares memory: no second copy of the images on the CPU.
-        self.images = torch.from_numpy(dataset.images).to(dev)
-        # The same bytes seen as rows of wide integers: a gather then copies whole rows
-        # instead of single bytes (about 30x faster on the CPU).
-        row_bytes = self.images[0].numel()
-        wide = next(t for t in (torch.int64, torch.int32, torch.int16, torch.uint8)
-                    if row_bytes % torch.empty((), dtype=t).element_size() == 0)
-        self._image_rows = self.images.view(len(self.images), row_bytes).view(wide)
+        self.image_row_shape = tuple(dataset.images.shape[1:])   # (3 views, H, W, 3)
+        self.slot_of_row = None   # where a file row's images are in storage; None: at the row itself
+        self._store_images(dataset.images)
         self.joint = torch.from_numpy(norm.normalize_joint(dataset.joint).astype(np.float32)).to(dev)
         self.actions = torch.from_numpy(norm.normalize_action(dataset.actions, dataset.joint).astype(np.float32)).to(dev)
         rewards = (dataset.rewards / norm.reward_scale).astype(np.float32)
@@ -307,7 +307,13 @@ class MultimodalReplayBuffer:
         pick = np.unique(np.linspace(0, len(test_rows) - 1, min(max_test_rows, len(test_rows))).astype(int))
         self.eval_rows = torch.from_numpy(test_rows[pick]).to(dev)
         self.generator = torch.Generator(device=dev)
-        self.generator.manual_seed(int(seed))
+        self.generator.manual_seed(int(seed) + int(rank))
+
+    def _store_images(self, images):
+        """Hold the whole uint8 image array on the storage device."""
+        # torch.from_numpy shares memory: no second copy of the images on the CPU.
+        self.images = torch.from_numpy(images).to(self.storage_device)
+        self._image_rows = image_rows_view(self.images)
 
     @property
     def n_train(self):
@@ -323,7 +329,8 @@ class MultimodalReplayBuffer:
 
     def gather_images(self, rows):
         """uint8 images [len(rows), 3 views, H, W, 3] of the given rows."""
-        return self._image_rows.index_select(0, rows).view(torch.uint8).view(len(rows), *self.images.shape[1:])
+        slots = rows if self.slot_of_row is None else self.slot_of_row.index_select(0, rows)
+        return self._image_rows.index_select(0, slots).view(torch.uint8).view(len(rows), *self.image_row_shape)
 
     def gather(self, rows, with_next=True):
         """The batch of the given row indices (a tensor on the storage device)."""
@@ -354,14 +361,19 @@ class MultimodalReplayBuffer:
         """
         n_masked = int(round(masked_frac * batch_size)) if episode_mask is not None else 0
         dev = self.storage_device
-        pick = torch.randint(len(self.train_rows), (batch_size - n_masked,), generator=self.generator, device=dev)
+        rows, row_episode = self._sampleable_rows(batch_size)
+        pick = torch.randint(len(rows), (batch_size - n_masked,), generator=self.generator, device=dev)
         if n_masked > 0:
             # On the storage device, with the buffer's generator, so that a resumed run draws
             # the same rows; when it is the training device this never waits for the host.
-            in_mask = episode_mask.to(dev).index_select(0, self.train_row_episode).float()
+            in_mask = episode_mask.to(dev).index_select(0, row_episode).float()
             in_mask = in_mask + (in_mask.sum() == 0).float()
             pick = torch.cat([pick, torch.multinomial(in_mask, n_masked, replacement=True, generator=self.generator)])
-        return self.gather(self.train_rows.index_select(0, pick), with_next)
+        return self.gather(rows.index_select(0, pick), with_next)
+
+    def _sampleable_rows(self, batch_size):
+        """The training rows a batch of ``batch_size`` is drawn from, and their episodes: all of them."""
+        return self.train_rows, self.train_row_episode
 
     def eval_batches(self, batch_size=256):
         """The fixed held-out rows, in batches, for offline metrics."""
@@ -369,7 +381,8 @@ class MultimodalReplayBuffer:
             yield self.gather(self.eval_rows[start:start + batch_size])
 
     def rng_state(self):
-        return self.generator.get_state()
+        """What a checkpoint stores so that a resumed run draws the same batches."""
+        return self.generator.get_state().cpu()
 
     def set_rng_state(self, state):
         self.generator.set_state(state.to(self.generator.get_state().device) if torch.is_tensor(state) else state)
@@ -380,4 +393,13 @@ class MultimodalReplayBuffer:
                 "image_shape": list(self.image_shape), "joint_dim": self.joint_dim, "action_dim": self.action_dim,
                 "train_episodes": self.n_train_episodes, "test_episodes": self.n_test_episodes,
                 "train_transitions": self.n_train, "test_transitions": self.n_test,
-                "image_bytes": self.nbytes_images}
+                "image_bytes": self.nbytes_images, "data_mode": "memory"}
+
+
+def image_rows_view(images):
+    """uint8 images [N, ...] seen as N rows of the widest integer that divides a row: a gather
+    then copies whole rows instead of single bytes (about 30x faster on the CPU)."""
+    row_bytes = images[0].numel()
+    wide = next(t for t in (torch.int64, torch.int32, torch.int16, torch.uint8)
+                if row_bytes % torch.empty((), dtype=t).element_size() == 0)
+    return images.view(len(images), row_bytes).view(wide)
