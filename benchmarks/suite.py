@@ -15,7 +15,7 @@ main_multimodal.py with that script's DEFAULT flags (only the budget, the seed, 
 paths, the device and the evaluation settings are set, plus --extra for both algorithms
 and --lapo_extra for LAPO alone), saving a checkpoint every --score_every steps. Training
 does no rollouts by default (--train_eval_episodes 0): model_best (policy_best.pth) is then chosen by
-the algorithm's offline criterion on the held-out episodes (LAPO: test_good_action_mse,
+the algorithm's offline criterion on the held-out episodes (LAPO: test_kept_action_mse,
 BC: test_action_mse, lower is better), which is all a user with a real robot has.
 
 Every checkpoint (model_{step}.pth, all of them kept: --keep_last 0; model_final.pth; model_best,

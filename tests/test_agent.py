@@ -284,15 +284,27 @@ def test_the_policy_acts_through_the_polyak_averages_of_all_its_parts(tiny_datas
                                rtol=1e-5, atol=1e-5)
 
 
-def test_model_selection_metric_measures_the_held_out_episodes_the_filter_keeps(lapo, monkeypatch):
-    """test_kept_action_mse is the policy's action error on the held-out episodes the
-    filter's rule keeps: all of them when the rule keeps everything, none (NaN, so never
-    chosen as best) when it keeps nothing."""
-    monkeypatch.setattr(lapo, "_kept", lambda a: torch.ones_like(a, dtype=torch.bool))
+def test_model_selection_metric_measures_the_held_out_episodes_the_filter_keeps(tmp_path, monkeypatch):
+    """test_kept_action_mse (LAPO's offline criterion for policy_best) is the policy's action
+    error on the held-out episodes the filter's rule keeps; when the rule keeps none of them,
+    on every held-out episode, so that a criterion (and a policy_best) always exists."""
+    data = write_dataset(tmp_path / "d.hdf5", n_rows=80, episode_len=10)
+    lapo = algos.MultimodalLatent(replay_buffer=utils.MultimodalReplayBuffer(
+        hdf5_format.load_dataset(data, progress=False), train_test_split=0.5, seed=0), **SMALL)
     everything = lapo.offline_metrics()
-    assert everything["test_kept_row_frac"] == 1.0
-    assert everything["test_kept_action_mse"] == pytest.approx(everything["test_action_mse"], rel=1e-5)
+    first_rows = lapo.replay_buffer.test_episode_first_rows
+    assert len(first_rows) >= 2
+    one_episode = int(lapo.replay_buffer.episode_index[first_rows[0]])
+    monkeypatch.setattr(lapo, "_kept", lambda a: torch.arange(len(a)) == 0)   # keeps the first held-out episode
+    one = lapo.offline_metrics()
+    rows = lapo.replay_buffer.eval_rows
+    in_episode = lapo.replay_buffer.episode_index[rows] == one_episode
+    assert one["test_kept_row_frac"] == pytest.approx(float(in_episode.float().mean()))
+    batch = lapo.replay_buffer.gather(rows[in_episode])
+    with torch.no_grad():
+        expected = (lapo._act(batch.images, batch.joint) - batch.action).pow(2).mean()
+    assert one["test_kept_action_mse"] == pytest.approx(float(expected), rel=1e-4)
     monkeypatch.setattr(lapo, "_kept", lambda a: torch.zeros_like(a, dtype=torch.bool))
     nothing = lapo.offline_metrics()
     assert nothing["test_kept_row_frac"] == 0.0
-    assert np.isnan(nothing["test_kept_action_mse"])
+    assert nothing["test_kept_action_mse"] == pytest.approx(everything["test_action_mse"], rel=1e-5)

@@ -88,7 +88,7 @@ def test_suite_end_to_end_on_a_tiny_setting(tmp_path):
                 "| variant | policy | 10 | 20 | 30 |"):
         assert row in table
     report = json.loads((out / "suite.json").read_text())
-    for algo, criterion in (("lapo", "test_good_action_mse"), ("bc", "test_action_mse")):
+    for algo, criterion in (("lapo", "test_kept_action_mse"), ("bc", "test_action_mse")):
         run = report["runs"]["reach_wrong40"][algo]["0"]
         assert run["steps"] == [10, 20, 30] and run["criterion"] == criterion
         assert len(run["criterion_at_steps"]) == 3 and None not in run["criterion_at_steps"]

@@ -466,7 +466,7 @@ def test_load_model_from_another_experiment_starts_its_own_best_record(tmp_path,
     assert train_in_process(tmp_path, tiny_dataset, "--save_freq", "2", exp="a") == 0
     path = tmp_path / "results" / "Expa" / "multimodal_robot" / "model_2.pth"
     ckpt = torch.load(path, weights_only=True)
-    ckpt["extra"]["best"] = {"value": -1.0, "step": 2, "metric": "test_good_action_mse"}   # unbeatable
+    ckpt["extra"]["best"] = {"value": -1.0, "step": 2, "metric": "test_kept_action_mse"}   # unbeatable
     torch.save(ckpt, path)
     assert train_in_process(tmp_path, tiny_dataset, "--max_timesteps", "4", "--load_model", "a:2", exp="b") == 0
     assert (tmp_path / "results" / "Expb" / "multimodal_robot" / "policy_best.pth").exists()
