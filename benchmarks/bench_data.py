@@ -20,7 +20,6 @@ so the first epoch of the stream reads from the disk. The files are deleted at t
 """
 import argparse
 import gc
-import multiprocessing
 import os
 import resource
 import statistics
@@ -37,7 +36,7 @@ from algos import algos_vae_multimodal as algos  # noqa: E402
 from algos import config as config_lib  # noqa: E402
 from algos import hdf5_format, streaming  # noqa: E402
 from algos import utils_multimodal as utils  # noqa: E402
-from bench_train import _high_water_rss_gb  # noqa: E402
+from bench_train import _high_water_rss_gb, in_fresh_process  # noqa: E402
 
 EPISODE_ROWS = 100
 DISTINCT_FRAMES = 997   # random frames cycled through the file: writing stays fast, rows differ
@@ -99,13 +98,7 @@ def _stream_memory(path, batch_size, batches, workers, queue):
 
 
 def stream_memory(path, batch_size, batches, workers):
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_stream_memory, args=(path, batch_size, batches, workers, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    return in_fresh_process(_stream_memory, path, batch_size, batches, workers)
 
 
 def main(argv=None):

@@ -103,9 +103,15 @@ def _training_memory(n_rows, image_size, batch_size, steps, amp, queue):
 def training_memory(n_rows, image_size, batch_size, amp, steps=3):
     """Peak RSS of a CPU training process, measured in a fresh process so that the floor's
     model and this benchmark's own allocations do not count: (imports GB, dataset GB, peak GB)."""
+    return in_fresh_process(_training_memory, n_rows, image_size, batch_size, steps, amp)
+
+
+def in_fresh_process(target, *args):
+    """What ``target(*args, queue)`` puts on its queue, run in a spawned process (so that its
+    peak RSS is its own)."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_training_memory, args=(n_rows, image_size, batch_size, steps, amp, queue))
+    proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
     result = queue.get()
     proc.join()

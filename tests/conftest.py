@@ -1,4 +1,5 @@
 """Shared helpers: tiny datasets written by the tests themselves, and CLI runners."""
+import csv
 import os
 import subprocess
 import sys
@@ -92,3 +93,12 @@ def sim_dataset(tmp_path_factory):
     path = tmp_path_factory.mktemp("sim") / "sim16.hdf5"
     simulator.create_sample_dataset(path, n_samples=300, image_size=(16, 16), seed=1, progress=False)
     return path
+
+
+def progress_steps(folder):
+    """The steps of the rows of a run's progress.csv (none before it exists)."""
+    path = os.path.join(folder, "progress.csv")
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return [int(r["steps"]) for r in csv.DictReader(f)]

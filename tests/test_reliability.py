@@ -18,7 +18,7 @@ import main_multimodal
 from algos import algos_vae_multimodal as algos
 from algos import hdf5_format
 from algos import utils_multimodal as utils
-from conftest import ENV, ROOT, TINY_TRAIN, run_cli, write_dataset
+from conftest import ENV, ROOT, TINY_TRAIN, progress_steps, run_cli, write_dataset
 
 
 def train_in_process(tmp_path, data, *extra, exp="bad"):
@@ -186,14 +186,6 @@ def start_training(tmp_path, data, exp, *extra):
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "main_multimodal.py"), "--hdf5_path", str(data),
                              "--log_dir", str(tmp_path / "results"), "--ExpID", exp, *TINY_TRAIN, *map(str, extra)],
                             cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def progress_steps(folder):
-    path = os.path.join(folder, "progress.csv")
-    if not os.path.exists(path):
-        return []
-    with open(path, newline="") as f:
-        return [int(r["steps"]) for r in csv.DictReader(f)]
 
 
 def test_repeated_sigkill_never_leaves_a_broken_checkpoint(tmp_path, tiny_dataset):

@@ -1,6 +1,5 @@
 """Scale-out: stream mode against memory mode, the automatic choice, --rechunk, and
 multi-process training under torchrun (gloo on the CPU)."""
-import csv
 import glob
 import json
 import os
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ENV, ROOT, TINY_TRAIN, run_cli, write_dataset
+from conftest import ENV, ROOT, TINY_TRAIN, progress_steps, run_cli, write_dataset
 from algos import algos_vae_multimodal as algos
 from algos import hdf5_format, streaming
 from algos import utils_multimodal as utils
@@ -167,14 +166,6 @@ def torchrun(tmp_path, data, exp, *extra, popen=False):
         return subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
     return subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
-
-
-def progress_steps(folder):
-    path = os.path.join(folder, "progress.csv")
-    if not os.path.exists(path):
-        return []
-    with open(path, newline="") as f:
-        return [int(r["steps"]) for r in csv.DictReader(f)]
 
 
 def test_two_processes_under_torchrun_train_one_run_with_identical_parameters(tmp_path, small_file):
