@@ -82,11 +82,17 @@ def start(device):
     if not launched():
         return torch.device(device)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "gloo"
     if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
+        # one GPU per process with nccl; with more processes than GPUs they share them
+        # round robin over gloo (which reduces CUDA tensors too), since nccl refuses two
+        # ranks on one GPU
+        n_gpus = torch.cuda.device_count()
+        device = f"cuda:{local_rank % n_gpus}"
         torch.cuda.set_device(device)
+        backend = "nccl" if local_world_size() <= n_gpus else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        dist.init_process_group(backend)
     if not is_main():
         sys.stdout = open(os.devnull, "w")
     return torch.device(device)

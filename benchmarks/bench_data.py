@@ -66,21 +66,33 @@ def evict_from_page_cache(path):
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
-def make_buffer(path, mode, workers):
+def make_buffer(path, mode, workers, device="cpu"):
+    """As main_multimodal.py builds it: on CUDA the images (memory mode) or the shuffle
+    buffer (stream mode) are stored on the GPU."""
+    device = torch.device(device)
     if mode == "memory":
-        return utils.MultimodalReplayBuffer(hdf5_format.load_dataset(path, progress=False), seed=0)
+        return utils.MultimodalReplayBuffer(hdf5_format.load_dataset(path, progress=False), seed=0,
+                                            device=device, storage_device=device)
     evict_from_page_cache(path)
-    return streaming.StreamReplayBuffer(hdf5_format.load_dataset(path, images=False), seed=0, workers=workers)
+    return streaming.StreamReplayBuffer(hdf5_format.load_dataset(path, images=False), seed=0, workers=workers,
+                                        device=device, storage_device=device)
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def sampler_rate(buffer, batch_size, seconds):
     """Samples/s of ``buffer.sample`` over ``seconds`` (after a few warm-up batches)."""
     for _ in range(3):
         buffer.sample(batch_size)
+    sync(buffer.device)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         buffer.sample(batch_size)
         n += batch_size
+    sync(buffer.device)
     return n / (time.perf_counter() - t0)
 
 
@@ -109,9 +121,10 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--seconds", type=float, default=20, help="time each sampler runs")
     p.add_argument("--train_steps", type=int, default=4, help="timed training steps per mode (0: none)")
-    p.add_argument("--memory_batches", type=int, default=2000, help="batches drawn in each peak-RSS process")
+    p.add_argument("--memory_batches", type=int, default=2000, help="batches drawn in each peak-RSS process (0: skip)")
     p.add_argument("--workers", type=int, default=config_lib.TrainConfig.stream_workers,
                    help="stream readers (as main_multimodal.py --stream_workers)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda: buffers and training step on the GPU")
     p.add_argument("--dir", default=os.path.join(ROOT, "results"), help="where the files are written")
     p.add_argument("--keep", metavar="PATH", help="keep the large file at PATH instead of deleting it")
     args = p.parse_args(argv)
@@ -130,8 +143,8 @@ def main(argv=None):
               f"RAM {ram / 2**30:.1f} GiB, available {streaming.available_memory_bytes() / 2**30:.1f} GiB; "
               f"written in {time.perf_counter() - t:.0f} s", flush=True)
 
-        memory = make_buffer(small, "memory", args.workers)
-        stream = make_buffer(large, "stream", args.workers)
+        memory = make_buffer(small, "memory", args.workers, args.device)
+        stream = make_buffer(large, "stream", args.workers, args.device)
         rate_memory = sampler_rate(memory, args.batch_size, args.seconds)
         print(f"sampler, memory mode (small file):  {rate_memory:,.0f} samples/s", flush=True)
         rate_stream = sampler_rate(stream, args.batch_size, args.seconds)
@@ -139,25 +152,31 @@ def main(argv=None):
               f"rotated; {stream.n_active} of {len(stream.blocks)} blocks resident, "
               f"{stream.resident_image_bytes / 2**30:.2f} GB)", flush=True)
 
+        agents = {}
         if args.train_steps:
-            agents = {}
             for mode, buffer in (("memory", memory), ("stream", stream)):
                 torch.manual_seed(0)
-                agents[mode] = algos.MultimodalLatent(replay_buffer=buffer, device="cpu")
+                agents[mode] = algos.MultimodalLatent(replay_buffer=buffer, device=args.device)
             times = {"memory": [], "stream": []}
-            for i in range(args.train_steps + 1):   # alternate, so machine noise hits both alike
+            # alternate, so machine noise hits both alike; on CUDA a few steps per timing
+            per_timing = 1 if args.device == "cpu" else 10
+            for i in range(args.train_steps + 1):
                 for mode, agent in agents.items():
+                    sync(args.device)
                     t = time.perf_counter()
-                    agent.train(1, args.batch_size)
+                    agent.train(per_timing, args.batch_size)
+                    sync(args.device)
                     if i:
-                        times[mode].append(time.perf_counter() - t)
+                        times[mode].append((time.perf_counter() - t) / per_timing)
             step = {mode: statistics.median(v) for mode, v in times.items()}
-            print(f"training step, batch {args.batch_size}, CPU ({torch.get_num_threads()} threads), median of "
+            where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+                     else f"CPU ({torch.get_num_threads()} threads)")
+            print(f"training step, batch {args.batch_size}, {where}, median of "
                   f"{args.train_steps}: memory {step['memory'] * 1e3:.0f} ms, stream {step['stream'] * 1e3:.0f} ms, "
                   f"stream/memory {step['stream'] / step['memory']:.3f}", flush=True)
         del memory, stream, agents
 
-        for path in (quarter, large):
+        for path in (quarter, large) if args.memory_batches else ():
             peak, readers, rotations = stream_memory(path, args.batch_size, args.memory_batches, args.workers)
             print(f"stream mode peak RSS, {os.path.getsize(path) / 2**30:.2f} GB file: {peak:.2f} GB "
                   f"(readers: {readers:.2f} GB each at most; {args.memory_batches} batches, {rotations} rotations)",

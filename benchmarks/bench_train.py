@@ -50,7 +50,7 @@ class Floor:
     def __init__(self, agent, batch_size, image_size):
         device = agent.device
         self.device, self.amp = device, agent.amp
-        self.trunks = torch.nn.ModuleList(algos.resnet18_trunk(agent.config["image_feature_dim"]) for _ in range(3))
+        self.trunks = torch.nn.ModuleList(algos.resnet18_trunk(agent.config.image_feature_dim) for _ in range(3))
         self.trunks.to(device).to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.Adam(self.trunks.parameters(), lr=1e-4)
         shape = (batch_size, 3, image_size, image_size)
