@@ -1,4 +1,4 @@
-"""benchmarks/suite.py: its statistics and tables, and one tiny end-to-end run."""
+"""The benchmark scripts: suite.py's statistics and tables and one tiny end-to-end run; bench_train.py and bench_data.py on tiny settings."""
 import importlib.util
 import json
 import math
@@ -108,3 +108,22 @@ def test_suite_end_to_end_on_a_tiny_setting(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "reusing 2 finished run(s)" in again.stdout and ".pth: return" not in again.stdout
     assert json.loads((out / "suite.json").read_text())["runs"] == report["runs"]
+
+
+def test_bench_train_prints_its_figures_on_a_tiny_setting(capsys):
+    """The speed benchmark must run as documented (it had silently broken once)."""
+    import bench_train
+    bench_train.main(["--device", "cpu", "--image_size", "16", "--batch_size", "8", "--steps", "1",
+                      "--n_rows", "300", "--sampler_batches", "5"])
+    out = capsys.readouterr().out
+    assert "training throughput:" in out and out.strip().splitlines()[-1].startswith("step/floor ratio:")
+
+
+def test_bench_data_prints_its_figures_on_a_tiny_setting(tmp_path, capsys):
+    import bench_data
+    bench_data.main(["--rows", "1200", "--small_rows", "400", "--image_size", "16", "--seconds", "0.5",
+                     "--train_steps", "1", "--memory_batches", "20", "--dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    for figure in ("sampler, memory mode", "sampler, stream mode", "stream/memory", "stream mode peak RSS"):
+        assert figure in out
+    assert not list(tmp_path.glob("*.hdf5"))   # its files are deleted
