@@ -30,6 +30,7 @@ again from that position, so a resumed run draws the same batches.
 """
 import os
 import signal
+import weakref
 
 import h5py
 import numpy as np
@@ -117,6 +118,12 @@ def _ignore_stop_signals(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _end_readers(readers):
+    for loader_iter in readers:
+        loader_iter._shutdown_workers()
+    readers.clear()
+
+
 class BlockOrder(torch.utils.data.Sampler):
     """The endless stream of block ids from ``position`` on: epoch after epoch, each a
     permutation of the blocks drawn from (seed, epoch)."""
@@ -189,7 +196,11 @@ class StreamReplayBuffer(MultimodalReplayBuffer):
         self._reader = BlockReader(self.path, self.blocks)
         self._copy_stream = torch.cuda.Stream(dev) if pin else None
         self._pin = pin
-        self._loader_iter = None
+        # the reader processes' DataLoader iterator, in a list that a finalizer holds: it ends
+        # them when the buffer goes and at interpreter exit, before multiprocessing joins its
+        # children (readers ignore SIGTERM, so its terminate() would leave that join waiting)
+        self._readers = []
+        weakref.finalize(self, _end_readers, self._readers)
         self._start_stream(position=0, draws=0)
 
     def _store_images(self, images):
@@ -201,10 +212,14 @@ class StreamReplayBuffer(MultimodalReplayBuffer):
         return int(self.settings["seed"]) + self.rank
 
     # ---- the stream
+    def close(self):
+        """End the reader processes (the buffer can no longer read ahead)."""
+        _end_readers(self._readers)
+
     def _start_stream(self, position, draws):
         """Fill the shuffle buffer with the blocks at ``position`` .. ``position + n_active``
         of the order (the last one into the spare slot) and read ahead from there on."""
-        self._loader_iter = None   # ends the previous workers
+        self.close()   # ends the previous readers
         loader = torch.utils.data.DataLoader(
             self._reader, batch_size=None, sampler=BlockOrder(len(self.blocks), self.sample_seed, position),
             num_workers=self.workers, prefetch_factor=PREFETCH_BLOCKS, pin_memory=self._pin,
@@ -215,7 +230,7 @@ class StreamReplayBuffer(MultimodalReplayBuffer):
             # its own seed for the workers: starting the stream must not draw from torch's
             # global generator, or a resumed run would draw other noise than the straight run
             generator=torch.Generator().manual_seed(self.sample_seed))
-        self._loader_iter = iter(loader)
+        self._readers.append(iter(loader))
         self.position, self._draws = position, draws
         self._active = []          # [(block, slot)], oldest first
         self._incoming = None      # (block, slot, copy-done event or None)
@@ -226,14 +241,14 @@ class StreamReplayBuffer(MultimodalReplayBuffer):
         if self.rotates:
             self._stage(self.n_active)
         else:
-            self._loader_iter = None   # every block is resident: nothing more to read
+            self.close()   # every block is resident: nothing more to read
         self._refresh_sampleable()
 
     def _stage(self, slot):
         """Copy the next block of the stream into ``slot`` (on CUDA: on the side stream, after
         the work queued so far, which may still read that slot's previous block)."""
         block = self.order.block_at(self._fetched)
-        images = next(self._loader_iter)
+        images = next(self._readers[0])
         self._fetched += 1
         start, stop = self.blocks[block]
         first = self.n_fixed + slot * self.block_size

@@ -87,9 +87,6 @@ def test_stream_resumes_with_the_same_batches(small_file):
         assert_same_batch(a, resumed.sample(32))
 
 
-# Marked slow: after the merge with the output work it hangs past its 300 s timeout on this
-# machine (under load); a known defect to find, see the closing note of 2026-12-04.
-@pytest.mark.slow
 def test_a_stream_mode_run_resumed_from_its_checkpoint_ends_bit_identical(tmp_path, small_file):
     """Killed after its step-3 checkpoint and resumed, a stream-mode run ends where the run that
     was never stopped does: the stream restarts at its position and takes no global randomness."""
