@@ -402,7 +402,8 @@ class MultimodalAgent:
         self.normalization = normalization
         self.joint_dim, self.action_dim = int(joint_dim), int(action_dim)
         self.image_shape = (int(image_shape[0]), int(image_shape[1]))
-        self.image_shift = config.image_shift
+        self.image_shift, self.joint_noise, self.feature_dropout = (config.image_shift, config.joint_noise,
+                                                                    config.feature_dropout)
         self.encoder_lr, self.encoder_lr_decay = config.encoder_lr, config.encoder_lr_decay
         self.discount = config.discount
         self.min_v, self.max_v = normalization.min_v, normalization.max_v
@@ -453,8 +454,19 @@ class MultimodalAgent:
         raise NotImplementedError
 
     # ---- training
-    def _augment(self, images):
-        return random_shift(images, self.image_shift) if self.image_shift > 0 else images
+    def _augment(self, images, joint):
+        """Training observations as the encoder sees them: images shifted, joints jittered."""
+        if self.image_shift > 0:
+            images = random_shift(images, self.image_shift)
+        if self.joint_noise > 0:
+            joint = joint + self.joint_noise * torch.randn_like(joint)
+        return images, joint
+
+    def _encode_for_training(self, batch):
+        """obs_feature of the batch's augmented observations, with ``feature_dropout``."""
+        with self._autocast():
+            obs_feature = self._encode(*self._augment(batch.images, batch.joint))
+        return F.dropout(obs_feature.float(), self.feature_dropout) if self.feature_dropout > 0 else obs_feature
 
     def _autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp)
@@ -887,12 +899,9 @@ class MultimodalLatent(MultimodalAgent):
     def _train_step(self, batch):
         if self.episode_filter:
             self._refresh_episode_advantage()
-        images, next_images = self._augment(batch.images), self._augment(batch.next_images)
-        with self._autocast():
-            obs_feature = self._encode(images, batch.joint)
-            with torch.no_grad():
-                next_obs_feature = self._encode(next_images, batch.next_joint)
-        obs_feature = obs_feature.float()
+        obs_feature = self._encode_for_training(batch).float()
+        with self._autocast(), torch.no_grad():
+            next_obs_feature = self._encode(*self._augment(batch.next_images, batch.next_joint))
         # The heads meet the encoder here: critic and CVAE losses leave their gradients in
         # feature.grad; one backward pass then carries the sum through the trunks.
         feature = obs_feature.detach().requires_grad_()
@@ -1037,8 +1046,7 @@ class MultimodalBC(MultimodalAgent):
         return self.policy(feature.float())
 
     def _train_step(self, batch):
-        with self._autocast():
-            obs_feature = self._encode(self._augment(batch.images), batch.joint)
+        obs_feature = self._encode_for_training(batch)
         bc_loss = F.mse_loss(self._policy_action(obs_feature), batch.action)
         self.policy_optimizer.zero_grad(set_to_none=True)
         self.encoder_optimizer.zero_grad(set_to_none=True)
