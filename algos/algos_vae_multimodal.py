@@ -402,8 +402,7 @@ class MultimodalAgent:
         self.normalization = normalization
         self.joint_dim, self.action_dim = int(joint_dim), int(action_dim)
         self.image_shape = (int(image_shape[0]), int(image_shape[1]))
-        self.image_shift, self.joint_noise, self.feature_dropout = (config.image_shift, config.joint_noise,
-                                                                    config.feature_dropout)
+        self.image_shift, self.feature_dropout = config.image_shift, config.feature_dropout
         self.encoder_lr, self.encoder_lr_decay = config.encoder_lr, config.encoder_lr_decay
         self.discount = config.discount
         self.min_v, self.max_v = normalization.min_v, normalization.max_v
@@ -454,18 +453,15 @@ class MultimodalAgent:
         raise NotImplementedError
 
     # ---- training
-    def _augment(self, images, joint):
-        """Training observations as the encoder sees them: images shifted, joints jittered."""
-        if self.image_shift > 0:
-            images = random_shift(images, self.image_shift)
-        if self.joint_noise > 0:
-            joint = joint + self.joint_noise * torch.randn_like(joint)
-        return images, joint
+    def _augment(self, images):
+        return random_shift(images, self.image_shift) if self.image_shift > 0 else images
 
     def _encode_for_training(self, batch):
-        """obs_feature of the batch's augmented observations, with ``feature_dropout``."""
+        """obs_feature of the batch's (augmented) observations, with ``feature_dropout``:
+        the heads learn from a feature with a random share of its units zeroed (the rest
+        scaled up), so none of them can rest on a few units; acting never drops any."""
         with self._autocast():
-            obs_feature = self._encode(*self._augment(batch.images, batch.joint))
+            obs_feature = self._encode(self._augment(batch.images), batch.joint)
         return F.dropout(obs_feature.float(), self.feature_dropout) if self.feature_dropout > 0 else obs_feature
 
     def _autocast(self):
@@ -901,7 +897,7 @@ class MultimodalLatent(MultimodalAgent):
             self._refresh_episode_advantage()
         obs_feature = self._encode_for_training(batch).float()
         with self._autocast(), torch.no_grad():
-            next_obs_feature = self._encode(*self._augment(batch.next_images, batch.next_joint))
+            next_obs_feature = self._encode(self._augment(batch.next_images), batch.next_joint)
         # The heads meet the encoder here: critic and CVAE losses leave their gradients in
         # feature.grad; one backward pass then carries the sum through the trunks.
         feature = obs_feature.detach().requires_grad_()

@@ -45,9 +45,6 @@ class TrainConfig:
                                             "joint (auto: where the data says so)", "data",
                                     choices=("auto", "all", "none"))
     image_shift: int = setting(0, "random-shift augmentation of training images, in pixels", "data")
-    joint_noise: float = setting(0.0, "std of Gaussian noise added to the normalised joint vector of training "
-                                      "observations, so the policy must read the task from the images rather "
-                                      "than continue the arm's own motion", "data")
 
     # ---- model: the observation encoder
     obs_feature_dim: int = setting(256, "fused observation feature size", "model", positive=True)
@@ -241,7 +238,7 @@ def problems(config):
                 out.append(f"--{f.name} must be in {interval[0]}0, 1{interval[1]}, got {value}")
         if meta["choices"] and value not in meta["choices"]:
             out.append(f"--{f.name} must be one of {', '.join(meta['choices'])}, got {value!r}")
-    for name in ("weight_temperature", "kl_beta", "eval_episodes", "image_shift", "joint_noise", "keep_last"):
+    for name in ("weight_temperature", "kl_beta", "eval_episodes", "image_shift", "keep_last"):
         if getattr(config, name) < 0:
             out.append(f"--{name} must be >= 0, got {getattr(config, name)}")
     if config.resume and config.load_model:

@@ -308,3 +308,20 @@ def test_model_selection_metric_measures_the_held_out_episodes_the_filter_keeps(
     nothing = lapo.offline_metrics()
     assert nothing["test_kept_row_frac"] == 0.0
     assert nothing["test_kept_action_mse"] == pytest.approx(everything["test_action_mse"], rel=1e-5)
+
+
+@pytest.mark.parametrize("algo", ["lapo", "bc"])
+def test_feature_dropout_acts_in_training_steps_only(tiny_dataset, algo):
+    """--feature_dropout changes what a training step learns; acting never drops features
+    (the same observation always gets the same action)."""
+    agents = {}
+    for p in (0.0, 0.5):
+        torch.manual_seed(0)
+        agents[p] = algos.make_agent(algo=algo, replay_buffer=make_buffer(tiny_dataset), feature_dropout=p, **SMALL)
+    for agent in agents.values():
+        agent.train(2, 8)   # same initial weights, same batches: only the dropout differs
+    changed = [not torch.equal(a, b) for a, b in zip(agents[0.0].encoder.parameters(), agents[0.5].encoder.parameters())]
+    assert any(changed)
+    dropped = agents[0.5]
+    imgs, joint = raw_observation(np.random.default_rng(3), 5)
+    np.testing.assert_array_equal(dropped.select_action(*imgs, joint), dropped.select_action(*imgs, joint))
