@@ -461,8 +461,8 @@ class MultimodalAgent:
         the heads learn from a feature with a random share of its units zeroed (the rest
         scaled up), so none of them can rest on a few units; acting never drops any."""
         with self._autocast():
-            obs_feature = self._encode(self._augment(batch.images), batch.joint)
-        return F.dropout(obs_feature.float(), self.feature_dropout) if self.feature_dropout > 0 else obs_feature
+            obs_feature = self._encode(self._augment(batch.images), batch.joint).float()
+        return F.dropout(obs_feature, self.feature_dropout) if self.feature_dropout > 0 else obs_feature
 
     def _autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp)
@@ -895,7 +895,7 @@ class MultimodalLatent(MultimodalAgent):
     def _train_step(self, batch):
         if self.episode_filter:
             self._refresh_episode_advantage()
-        obs_feature = self._encode_for_training(batch).float()
+        obs_feature = self._encode_for_training(batch)
         with self._autocast(), torch.no_grad():
             next_obs_feature = self._encode(self._augment(batch.next_images), batch.next_joint)
         # The heads meet the encoder here: critic and CVAE losses leave their gradients in

@@ -77,7 +77,8 @@ def is_main():
 def start(device):
     """Join torchrun's process group when launched by it (nccl on CUDA with a GPU per process,
     else gloo), and return this process's device: ``device`` (auto: cuda if available), with
-    cuda meaning cuda:(LOCAL_RANK mod the number of GPUs) under torchrun. Ranks other than 0 print nothing to stdout."""
+    cuda meaning cuda:(LOCAL_RANK mod the number of GPUs) under torchrun. Ranks other than 0
+    print nothing to stdout."""
     device = default_device(device)
     if not launched():
         return torch.device(device)
