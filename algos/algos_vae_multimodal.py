@@ -402,9 +402,6 @@ class MultimodalAgent:
         self.normalization = normalization
         self.joint_dim, self.action_dim = int(joint_dim), int(action_dim)
         self.image_shape = (int(image_shape[0]), int(image_shape[1]))
-        self.image_shift, self.feature_dropout = config.image_shift, config.feature_dropout
-        self.encoder_lr, self.encoder_lr_decay = config.encoder_lr, config.encoder_lr_decay
-        self.discount = config.discount
         self.min_v, self.max_v = normalization.min_v, normalization.max_v
         self.amp = use_bf16(config.amp, self.device)
         self.total_it = 0
@@ -454,7 +451,8 @@ class MultimodalAgent:
 
     # ---- training
     def _augment(self, images):
-        return random_shift(images, self.image_shift) if self.image_shift > 0 else images
+        shift = self.config.image_shift
+        return random_shift(images, shift) if shift > 0 else images
 
     def _encode_for_training(self, batch):
         """obs_feature of the batch's (augmented) observations, with ``feature_dropout``:
@@ -462,7 +460,8 @@ class MultimodalAgent:
         scaled up), so none of them can rest on a few units; acting never drops any."""
         with self._autocast():
             obs_feature = self._encode(self._augment(batch.images), batch.joint).float()
-        return F.dropout(obs_feature, self.feature_dropout) if self.feature_dropout > 0 else obs_feature
+        p = self.config.feature_dropout
+        return F.dropout(obs_feature, p) if p > 0 else obs_feature
 
     def _autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp)
@@ -473,11 +472,12 @@ class MultimodalAgent:
         to 0. Why: the heads are fitted to features that keep moving until the last step; an
         encoder that comes to rest leaves them the end of the run to fit the features the
         policy acts on (docs/design.md)."""
-        if not run_steps or self.encoder_lr_decay <= 0:
-            return self.encoder_lr
-        decay_start = run_steps * (1 - self.encoder_lr_decay)
+        lr, decay = self.config.encoder_lr, self.config.encoder_lr_decay
+        if not run_steps or decay <= 0:
+            return lr
+        decay_start = run_steps * (1 - decay)
         progress = min(max((step - decay_start) / (run_steps - decay_start), 0.0), 1.0)
-        return self.encoder_lr * 0.5 * (1 + math.cos(math.pi * progress))
+        return lr * 0.5 * (1 + math.cos(math.pi * progress))
 
     def train(self, iterations, batch_size=64, progress=None, should_stop=None, run_steps=None):
         """Run ``iterations`` gradient steps on batches from the replay buffer.
@@ -715,46 +715,35 @@ class MultimodalLatent(MultimodalAgent):
         super().__init__(config, joint_dim, action_dim, image_shape, normalization, replay_buffer, device, **settings)
         c = self.config
         latent_dim = int(c.latent_dim or 2 * self.action_dim)
-        max_latent_action, obs_feature_dim = c.max_latent_action, c.obs_feature_dim
-        self.return_bound = c.return_bound
-        self.value_target, self.value_expectile = c.value_target, c.value_expectile
-        self.weight_temperature, self.expectile_weights = c.weight_temperature, c.original_lapo
-        self.episode_filter = c.episode_filter
-        self.kept_batch_frac = c.kept_batch_frac
-        self.polyak_acting = c.polyak_acting
         # A of each episode at its first row, NaN until judged (see _refresh_episode_advantage)
         self.episode_advantage = None
-        self.tau, self.expectile, self.kl_beta = c.tau, c.expectile, c.kl_beta
-        self.no_noise, self.doubleq_min = c.no_noise, c.doubleq_min
-        self.max_latent_action = max_latent_action
-        vae_lr, actor_lr, critic_lr = c.vae_lr, c.actor_lr, c.critic_lr
-        f, a, dev = obs_feature_dim, self.action_dim, self.device
+        f, a, dev = c.obs_feature_dim, self.action_dim, self.device
 
-        self.actor_vae = ActorVAE(f, a, latent_dim, max_latent_action).to(dev)
+        self.actor_vae = ActorVAE(f, a, latent_dim, c.max_latent_action).to(dev)
         self.actor_vae_target = frozen_copy(self.actor_vae)
-        self.actor_vae_optimizer = torch.optim.Adam(self.actor_vae.parameters(), lr=vae_lr)
+        self.actor_vae_optimizer = torch.optim.Adam(self.actor_vae.parameters(), lr=c.vae_lr)
 
-        self.actor = LatentActor(f, latent_dim, max_latent_action).to(dev)
+        self.actor = LatentActor(f, latent_dim, c.max_latent_action).to(dev)
         self.actor_target = frozen_copy(self.actor)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=actor_lr)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=c.actor_lr)
 
         self.critic = Critic(f, a).to(dev)
         self.critic_target = frozen_copy(self.critic)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=critic_lr)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=c.critic_lr)
         # only the policy acts through it: training encodes with the online encoder
-        self.encoder_target = frozen_copy(self.encoder) if self.polyak_acting else None
+        self.encoder_target = frozen_copy(self.encoder) if c.polyak_acting else None
 
     def _modules(self):
         modules = {"encoder": self.encoder, "actor_vae": self.actor_vae, "actor_vae_target": self.actor_vae_target,
                    "actor": self.actor, "actor_target": self.actor_target,
                    "critic": self.critic, "critic_target": self.critic_target}
-        if self.polyak_acting:
+        if self.config.polyak_acting:
             modules["encoder_target"] = self.encoder_target
         return modules
 
     def _acting_modules(self):
-        acting = ({"encoder_target": self.encoder_target, "actor_target": self.actor_target} if self.polyak_acting
-                  else {"encoder": self.encoder, "actor": self.actor})
+        acting = ({"encoder_target": self.encoder_target, "actor_target": self.actor_target}
+                  if self.config.polyak_acting else {"encoder": self.encoder, "actor": self.actor})
         return {**acting, "actor_vae_target.decoder": self.actor_vae_target.decoder}
 
     def _optimizers(self):
@@ -770,7 +759,7 @@ class MultimodalLatent(MultimodalAgent):
         +-0.1 between checkpoints a few hundred steps apart while its losses stay flat;
         averaging every part keeps them in step, where averaging the encoder alone under
         the online actor was a wash (docs/experiments/, eighth and thirteenth rounds)."""
-        if not self.polyak_acting:
+        if not self.config.polyak_acting:
             return super()._act(images, joint)
         feature = self.encoder_target(images, joint)
         return self.actor_vae_target.decode(feature, self.actor_target(feature))
@@ -779,13 +768,14 @@ class MultimodalLatent(MultimodalAgent):
         """V target at s: the target critic's Q at the policy's action (``value_target="policy"``,
         LAPO's: a~ = decode_target(s, actor_target(s) + clipped noise)), or at the data's own
         action (``"data"``, IQL's; V is then fitted by an upper expectile, see ``_value_loss``)."""
-        if self.value_target == "policy":
+        if self.config.value_target == "policy":
             latent_action = self.actor_target(feature)
-            if not self.no_noise:
+            if not self.config.no_noise:
                 latent_action = latent_action + (torch.randn_like(latent_action) * 0.1).clamp(-0.2, 0.2)
             action = self.actor_vae_target.decode(feature, latent_action)
         target_q1, target_q2 = self.critic_target(feature, action)
-        return self.doubleq_min * torch.min(target_q1, target_q2) + (1 - self.doubleq_min) * torch.max(target_q1, target_q2)
+        doubleq_min = self.config.doubleq_min
+        return doubleq_min * torch.min(target_q1, target_q2) + (1 - doubleq_min) * torch.max(target_q1, target_q2)
 
     def _critic_targets(self, feature, next_feature, reward, discount, action, observed_return=None):
         """target_Q = r + discount * V(s'); target_V = Q_target at the data's ``action`` or the
@@ -799,7 +789,7 @@ class MultimodalLatent(MultimodalAgent):
         episode; the observed return puts it there at once.
         """
         target_Q = reward + discount * self.critic.v(next_feature)
-        if self.return_bound and observed_return is not None:
+        if self.config.return_bound and observed_return is not None:
             target_Q = torch.maximum(target_Q, observed_return)
         target_V = self._target_value(feature, action)
         return target_Q.clamp(self.min_v, self.max_v), target_V.clamp(self.min_v, self.max_v)
@@ -809,10 +799,11 @@ class MultimodalLatent(MultimodalAgent):
         ``value_expectile`` (x 2, so that 0.5 is the MSE): an upper expectile of the data's Q
         is the value of its better actions without asking Q about actions it never saw, so
         it cannot climb with the latent actor the way Q at the policy's action does."""
-        if self.value_target == "policy":
+        if self.config.value_target == "policy":
             return F.mse_loss(current_V, target_V)
         error = target_V - current_V
-        return 2 * (torch.where(error > 0, self.value_expectile, 1 - self.value_expectile) * error.pow(2)).mean()
+        expectile = self.config.value_expectile
+        return 2 * (torch.where(error > 0, expectile, 1 - expectile) * error.pow(2)).mean()
 
     def _advantage_weight(self, advantage, episode_advantage=None):
         """CVAE weight of each sample: ``exp(A / weight_temperature)`` clipped at
@@ -826,14 +817,14 @@ class MultimodalLatent(MultimodalAgent):
         from being imitated in the states only it visited, and those are the states a
         policy drifts into; weighted by ``exp(A / T)`` alone, the good behaviour's own last
         steps (A near 0: nobody else acted there) weigh no more than anyone's."""
-        if self.expectile_weights:
-            return torch.where(advantage > 0, self.expectile, 1 - self.expectile)
+        if self.config.original_lapo:
+            return torch.where(advantage > 0, self.config.expectile, 1 - self.config.expectile)
         if episode_advantage is not None:
             judged = ~torch.isnan(episode_advantage)
             advantage = torch.where(judged, torch.maximum(advantage, episode_advantage), advantage)
-            weight = torch.exp(advantage / self.weight_temperature).clamp(max=MAX_ADVANTAGE_WEIGHT)
+            weight = torch.exp(advantage / self.config.weight_temperature).clamp(max=MAX_ADVANTAGE_WEIGHT)
             return weight * self._kept(episode_advantage)
-        return torch.exp(advantage / self.weight_temperature).clamp(max=MAX_ADVANTAGE_WEIGHT)
+        return torch.exp(advantage / self.config.weight_temperature).clamp(max=MAX_ADVANTAGE_WEIGHT)
 
     def _kept(self, episode_advantage):
         """The episode filter's rule: imitate an episode if its ``A_episode`` (its return
@@ -849,10 +840,10 @@ class MultimodalLatent(MultimodalAgent):
         uniform batch gives it a few rows a step where behaviour cloning on the same
         episodes would have the whole batch. The critic learns from the same batch."""
         buffer = self.replay_buffer
-        if not self.episode_filter or self.kept_batch_frac <= 0 or self.episode_advantage is None:
+        if not self.config.episode_filter or self.config.kept_batch_frac <= 0 or self.episode_advantage is None:
             return buffer.sample(batch_size, with_next=self.needs_next_obs)
         return buffer.sample(batch_size, with_next=self.needs_next_obs,
-                             episode_mask=self._kept(self.episode_advantage), masked_frac=self.kept_batch_frac)
+                             episode_mask=self._kept(self.episode_advantage), masked_frac=self.config.kept_batch_frac)
 
     @torch.no_grad()
     def _refresh_episode_advantage(self, n_episodes=EPISODES_JUDGED_PER_STEP):
@@ -893,7 +884,7 @@ class MultimodalLatent(MultimodalAgent):
         return q_action - self.critic.v(feature).clamp(self.min_v, self.max_v)
 
     def _train_step(self, batch):
-        if self.episode_filter:
+        if self.config.episode_filter:
             self._refresh_episode_advantage()
         obs_feature = self._encode_for_training(batch)
         with self._autocast(), torch.no_grad():
@@ -905,8 +896,8 @@ class MultimodalLatent(MultimodalAgent):
         self.encoder_optimizer.zero_grad(set_to_none=True)
         obs_feature.backward(feature.grad)
         self.encoder_optimizer.step()
-        if self.polyak_acting:
-            soft_update(self.encoder, self.encoder_target, self.tau)
+        if self.config.polyak_acting:
+            soft_update(self.encoder, self.encoder_target, self.config.tau)
         return losses
 
     def _update_heads(self, feature, next_obs_feature, batch):
@@ -932,13 +923,13 @@ class MultimodalLatent(MultimodalAgent):
         with torch.no_grad():
             advantage = self._advantage(state, next_obs_feature, reward, discount)
             episode_advantage = None
-            if self.episode_filter and batch.episode is not None:
+            if self.config.episode_filter and batch.episode is not None:
                 episode_advantage = self.episode_advantage[batch.episode].unsqueeze(1)
             advantage_weight = self._advantage_weight(advantage, episode_advantage)
         recon_action, mean, log_var = self.actor_vae(feature, action)
         recon_loss = (recon_action - action).pow(2).sum(1, keepdim=True)
         kl_loss = -0.5 * (1 + log_var - mean.pow(2) - log_var.exp()).sum(1, keepdim=True)
-        vae_loss = (advantage_weight * (recon_loss + self.kl_beta * kl_loss)).mean()
+        vae_loss = (advantage_weight * (recon_loss + self.config.kl_beta * kl_loss)).mean()
         self.actor_vae_optimizer.zero_grad(set_to_none=True)
         vae_loss.backward()
         self.actor_vae_optimizer.step()
@@ -949,9 +940,9 @@ class MultimodalLatent(MultimodalAgent):
         actor_loss.backward()
         self.actor_optimizer.step()
 
-        soft_update(self.critic, self.critic_target, self.tau)
-        soft_update(self.actor, self.actor_target, self.tau)
-        soft_update(self.actor_vae, self.actor_vae_target, self.tau)
+        soft_update(self.critic, self.critic_target, self.config.tau)
+        soft_update(self.actor, self.actor_target, self.config.tau)
+        soft_update(self.actor_vae, self.actor_vae_target, self.config.tau)
         return {"critic_loss": critic_loss, "vae_loss": vae_loss, "actor_loss": actor_loss,
                 "recon_loss": recon_loss.mean(), "kl_loss": kl_loss.mean(), "q_mean": current_Q1.mean(),
                 "v_mean": current_V.mean(), "advantage_mean": advantage.mean(),
@@ -960,7 +951,7 @@ class MultimodalLatent(MultimodalAgent):
 
     def _imitated_episode_frac(self):
         """Share of the judged training episodes the CVAE imitates (1 without the filter)."""
-        if not self.episode_filter or self.episode_advantage is None:
+        if not self.config.episode_filter or self.episode_advantage is None:
             return torch.ones((), device=self.device)
         # counts, not a masked select: no wait for the host on every step
         judged = ~torch.isnan(self.episode_advantage)
@@ -987,7 +978,7 @@ class MultimodalLatent(MultimodalAgent):
         feature = feature.float()
         action = batch.action
         # the policy as deployed; acting online, that is the feature already encoded
-        policy_action = (self._act(batch.images, batch.joint).float() if self.polyak_acting
+        policy_action = (self._act(batch.images, batch.joint).float() if self.config.polyak_acting
                          else self._policy_action(feature))
         action_err = (policy_action - action).pow(2).mean(1)
         _, mean, _ = self.actor_vae(feature, action)

@@ -209,7 +209,7 @@ def test_a_checkpoint_rebuilds_the_whole_config_it_was_trained_with(tiny_dataset
     for restored in (algos.MultimodalAgent.from_checkpoint(path), algos.MultimodalLatent(device="cpu")):
         restored.load(path)
         assert restored.config == agent.config
-        assert (restored.weight_temperature, restored.tau, restored.discount) == (0.2, 0.05, 0.9)
+        assert (restored.config.weight_temperature, restored.config.tau, restored.config.discount) == (0.2, 0.05, 0.9)
 
 
 def test_a_misspelt_setting_is_an_error_for_every_algorithm():

@@ -1,5 +1,6 @@
 """Never lose a run: bad input, crashes, preemption and exact resume."""
 import csv
+import dataclasses
 import glob
 import json
 import os
@@ -399,14 +400,14 @@ def test_every_training_episode_is_judged_at_its_first_row(tiny_dataset):
 def test_half_of_each_batch_comes_from_the_episodes_the_filter_keeps(tiny_dataset):
     buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), train_test_split=0.8, seed=0)
     agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu")
-    assert agent.kept_batch_frac == 0.5
+    assert agent.config.kept_batch_frac == 0.5
     train_eps = sorted(buffer.train_episode_ids.tolist())
     agent.episode_advantage = torch.full((buffer.n_episodes,), -1.0)
     agent.episode_advantage[train_eps[0]] = 0.3
     for _ in range(10):
         batch = agent._sample_batch(8)
         assert batch.episode[4:].tolist() == [train_eps[0]] * 4
-    agent.kept_batch_frac = 0.0   # uniform batches, as before the setting existed
+    agent.config = dataclasses.replace(agent.config, kept_batch_frac=0.0)   # uniform batches
     assert len(set(torch.cat([agent._sample_batch(8).episode for _ in range(10)]).tolist())) > 1
 
 
