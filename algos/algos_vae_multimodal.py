@@ -245,13 +245,14 @@ class LatentActor(nn.Module):
 
 
 class Critic(nn.Module):
-    """Twin Q(feature, action) and V(feature)."""
+    """Twin Q(feature, action) and V(feature); V has one head per fold of the training
+    episodes (``value_folds``), each fitted on its own fold's rows only."""
 
-    def __init__(self, feature_dim, action_dim):
+    def __init__(self, feature_dim, action_dim, value_folds=1):
         super().__init__()
         self.q1_net = mlp(feature_dim + action_dim, 1)
         self.q2_net = mlp(feature_dim + action_dim, 1)
-        self.v_net = mlp(feature_dim, 1)
+        self.v_net = mlp(feature_dim, value_folds)
 
     def forward(self, feature, action):
         x = torch.cat([feature, action], 1)
@@ -260,8 +261,10 @@ class Critic(nn.Module):
     def q1(self, feature, action):
         return self.q1_net(torch.cat([feature, action], 1))
 
-    def v(self, feature):
-        return self.v_net(feature)
+    def v(self, feature, fold=None):
+        """V of each row from the head of its ``fold`` ([B] long), or the mean of the heads."""
+        values = self.v_net(feature)
+        return values.mean(1, keepdim=True) if fold is None else values.gather(1, fold.view(-1, 1))
 
 
 def soft_update(net, target, tau):
@@ -727,7 +730,7 @@ class MultimodalLatent(MultimodalAgent):
         self.actor_target = frozen_copy(self.actor)
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=c.actor_lr)
 
-        self.critic = Critic(f, a).to(dev)
+        self.critic = Critic(f, a, c.value_folds).to(dev)
         self.critic_target = frozen_copy(self.critic)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=c.critic_lr)
         # only the policy acts through it: training encodes with the online encoder
@@ -777,7 +780,7 @@ class MultimodalLatent(MultimodalAgent):
         doubleq_min = self.config.doubleq_min
         return doubleq_min * torch.min(target_q1, target_q2) + (1 - doubleq_min) * torch.max(target_q1, target_q2)
 
-    def _critic_targets(self, feature, next_feature, reward, discount, action, observed_return=None):
+    def _critic_targets(self, feature, next_feature, reward, discount, action, observed_return=None, fold=None):
         """target_Q = r + discount * V(s'); target_V = Q_target at the data's ``action`` or the
         policy's (``_target_value``); both in [min_v, max_v].
 
@@ -788,7 +791,7 @@ class MultimodalLatent(MultimodalAgent):
         success 30 steps away would take thousands of steps to reach the first state of its
         episode; the observed return puts it there at once.
         """
-        target_Q = reward + discount * self.critic.v(next_feature)
+        target_Q = reward + discount * self.critic.v(next_feature, fold)
         if self.config.return_bound and observed_return is not None:
             target_Q = torch.maximum(target_Q, observed_return)
         target_V = self._target_value(feature, action)
@@ -868,7 +871,10 @@ class MultimodalLatent(MultimodalAgent):
         with self._autocast():
             feature = self._encode(batch.images, batch.joint)
             next_feature = self._encode(batch.next_images, batch.next_joint)
-        advantage = self._advantage(feature.float(), next_feature.float(), batch.reward, batch.discount)
+        # with value_folds > 1, by a V head that never fitted this episode: a head that fitted
+        # it tends to the episode's own return, and its judgement then drifts to 0
+        advantage = self._advantage(feature.float(), next_feature.float(), batch.reward, batch.discount,
+                                    self._fold(batch.episode, offset=1))
         return batch.episode, advantage.squeeze(1)
 
     def _training_state(self):
@@ -878,10 +884,17 @@ class MultimodalLatent(MultimodalAgent):
         episode_advantage = state.get("episode_advantage")
         self.episode_advantage = None if episode_advantage is None else episode_advantage.to(self.device)
 
-    def _advantage(self, feature, next_feature, reward, discount):
-        """A = clamp(r + discount * V(s')) - clamp(V(s)) with the current critic."""
-        q_action = (reward + discount * self.critic.v(next_feature)).clamp(self.min_v, self.max_v)
-        return q_action - self.critic.v(feature).clamp(self.min_v, self.max_v)
+    def _advantage(self, feature, next_feature, reward, discount, fold=None):
+        """A = clamp(r + discount * V(s')) - clamp(V(s)) with the current critic (V's head of
+        ``fold``, or the mean of the heads)."""
+        q_action = (reward + discount * self.critic.v(next_feature, fold)).clamp(self.min_v, self.max_v)
+        return q_action - self.critic.v(feature, fold).clamp(self.min_v, self.max_v)
+
+    def _fold(self, episode, offset=0):
+        """The V head of each row's episode (its own fold, or with ``offset`` the next one);
+        None with a single head."""
+        folds = self.config.value_folds
+        return None if folds == 1 else (episode + offset) % folds
 
     def _train_step(self, batch):
         if self.config.episode_filter:
@@ -906,13 +919,14 @@ class MultimodalLatent(MultimodalAgent):
         the CVAE's gradients with respect to it are left in ``feature.grad``."""
         reward, discount, action = batch.reward, batch.discount, batch.action
         state = feature.detach()   # what the targets and the latent actor see
+        fold = self._fold(batch.episode)
 
         # ---- critic
         with torch.no_grad():
             target_Q, target_V = self._critic_targets(state, next_obs_feature, reward, discount, action,
-                                                      batch.observed_return)
+                                                      batch.observed_return, fold)
         current_Q1, current_Q2 = self.critic(feature, action)
-        current_V = self.critic.v(feature)
+        current_V = self.critic.v(feature, fold)
         critic_loss = (F.mse_loss(current_Q1, target_Q) + F.mse_loss(current_Q2, target_Q)
                        + self._value_loss(current_V, target_V))
         self.critic_optimizer.zero_grad(set_to_none=True)
@@ -921,7 +935,7 @@ class MultimodalLatent(MultimodalAgent):
 
         # ---- advantage-weighted CVAE (advantage from the critic after its step)
         with torch.no_grad():
-            advantage = self._advantage(state, next_obs_feature, reward, discount)
+            advantage = self._advantage(state, next_obs_feature, reward, discount, fold)
             episode_advantage = None
             if self.config.episode_filter and batch.episode is not None:
                 episode_advantage = self.episode_advantage[batch.episode].unsqueeze(1)

@@ -88,6 +88,10 @@ class TrainConfig:
                                      "algorithm", unit_interval="()")
     weight_temperature: float = setting(0.05, "CVAE weights exp(A / this), clipped at 100, in units of the "
                                               "largest one-step reward", "algorithm", positive=True)
+    value_folds: int = setting(1, "V heads, each fitted on its own share of the training episodes; with 2 or "
+                                  "more the episode filter judges each episode with a head that never fitted it, "
+                                  "so its judgement does not drift to 0 as V fits the episode's own return",
+                               "algorithm", positive=True)
     original_lapo: bool = setting(False, "the original LAPO algorithm on this encoder, for ablations: V fitted "
                                          "to Q at the latent policy's action (clipped noise unless --no_noise), "
                                          "CVAE weights --expectile and 1 - it by the sign of A, one-step backups "

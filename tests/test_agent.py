@@ -325,3 +325,29 @@ def test_feature_dropout_acts_in_training_steps_only(tiny_dataset, algo):
     dropped = agents[0.5]
     imgs, joint = raw_observation(np.random.default_rng(3), 5)
     np.testing.assert_array_equal(dropped.select_action(*imgs, joint), dropped.select_action(*imgs, joint))
+
+
+def test_with_value_folds_each_episode_is_judged_by_a_head_that_never_fitted_it(tiny_dataset):
+    """Each V head fits only its own fold's episodes; the filter judges an episode with another
+    fold's head, so a head's fit of an episode's own return cannot decide its judgement."""
+    torch.manual_seed(0)
+    agent = algos.MultimodalLatent(replay_buffer=make_buffer(tiny_dataset, n_step=1), value_folds=2, **SMALL)
+    last = agent.critic.v_net[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([0.3, -0.2]))   # head 0: V = 0.3 everywhere, head 1: V = -0.2
+    agent._refresh_episode_advantage(n_episodes=len(agent.replay_buffer.train_episode_first_rows))
+    buffer = agent.replay_buffer
+    batch = buffer.gather(buffer.train_episode_first_rows)
+    other = torch.where(batch.episode % 2 == 0, -0.2, 0.3).unsqueeze(1)
+    expected = ((batch.reward + batch.discount * other).clamp(agent.min_v, agent.max_v)
+                - other.clamp(agent.min_v, agent.max_v))
+    torch.testing.assert_close(agent.episode_advantage[batch.episode], expected.squeeze(1))
+    # the value loss of a row reaches only its own fold's head
+    agent.critic_optimizer.zero_grad()
+    rows = buffer.train_rows[buffer.train_row_episode % 2 == 0][:8]
+    fold0 = buffer.gather(rows)
+    with torch.no_grad():
+        feature = agent.encoder(fold0.images, fold0.joint)
+    agent.critic.v(feature, agent._fold(fold0.episode)).sum().backward()
+    assert last.weight.grad[0].abs().sum() > 0 and last.weight.grad[1].abs().sum() == 0
