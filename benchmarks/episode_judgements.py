@@ -41,15 +41,18 @@ def episode_first_rows(buffer, episode_ids):
 
 @torch.no_grad()
 def judge(agent, buffer, episode_ids):
+    """A_episode of each episode through the agent's own ``_judge`` (with ``value_folds`` > 1,
+    by a V head that never fitted the episode), and V at its first row from that same head."""
     rows, kept_ids = episode_first_rows(buffer, episode_ids)
     out, values = [], []
     for start in range(0, len(rows), 256):
-        batch = buffer.gather(torch.from_numpy(rows[start:start + 256]))
+        first_rows = torch.from_numpy(rows[start:start + 256])
+        episode, advantage = agent._judge(first_rows, buffer)
+        batch = buffer.gather(first_rows)
         feature = agent.encoder(batch.images, batch.joint)
-        next_feature = agent.encoder(batch.next_images, batch.next_joint)
-        out.append(agent._advantage(feature, next_feature, batch.reward, batch.discount).squeeze(1))
-        values.append(agent.critic.v(feature).squeeze(1))
-    return np.array(kept_ids), torch.cat(out).numpy(), torch.cat(values).numpy()
+        out.append(advantage)
+        values.append(agent.critic.v(feature, agent._fold(episode, offset=1)).squeeze(1))
+    return np.array(kept_ids), torch.cat(out).float().numpy(), torch.cat(values).numpy()
 
 
 def main(argv=None):
