@@ -53,8 +53,8 @@ class TrainConfig:
                                                       "image trunks (default: random init)", "model",
                                                 metavar="PATH")
     feature_dropout: float = setting(0.0, "dropout on the fused observation feature in training steps (the "
-                                          "heads cannot rest on a few feature units; 0.2 held the score late in "
-                                          "the run on dev screens; never when acting; 0: off)", "model",
+                                          "heads cannot rest on a few feature units; never when acting; 0: off; "
+                                          "0.2 did not stop late declines on dev screens)", "model",
                                      unit_interval="[)")
     encoder_lr: float = setting(3e-4, "image/joint encoder learning rate", "model", positive=True)
     encoder_lr_decay: float = setting(0.5, "share of the run, at its end, over which the encoder's learning rate "
