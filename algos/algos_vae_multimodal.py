@@ -119,6 +119,13 @@ def mlp(in_dim, out_dim, hidden=(256, 256, 256)):
     return nn.Sequential(*layers)
 
 
+def adam(parameters, lr, device):
+    """Adam; on CUDA the fused kernel (one launch for all parameters instead of several per
+    tensor: a step of small heads is launch-bound on a GPU). The CPU keeps the default
+    implementation, whose results resume bit-exactly."""
+    return torch.optim.Adam(parameters, lr=lr, fused=torch.device(device).type == "cuda")
+
+
 def resnet18_trunk(image_feature_dim):
     """torchvision ResNet18 with GroupNorm and a head of ``image_feature_dim``.
 
@@ -415,7 +422,7 @@ class MultimodalAgent:
                                           pretrained_weights=config.pretrained_weights).to(self.device)
         if config.channels_last:
             self.encoder.trunks.to(memory_format=torch.channels_last)
-        self.encoder_optimizer = torch.optim.Adam(self.encoder.parameters(), lr=config.encoder_lr)
+        self.encoder_optimizer = adam(self.encoder.parameters(), config.encoder_lr, self.device)
         self._encode = torch.compile(self.encoder) if config.compile else self.encoder
 
     @property
@@ -671,6 +678,8 @@ class MultimodalAgent:
                 module.load_state_dict(ckpt["networks"][name])   # float16 policy weights become float32
             for name, opt in ({} if policy else self._optimizers()).items():
                 opt.load_state_dict(ckpt["optimizers"][name])
+                for group in opt.param_groups:   # fused or not follows this run's device
+                    group["fused"] = self.device.type == "cuda"
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(path, f"checkpoint does not match this agent: {str(exc).splitlines()[0]}") from None
         self.total_it = int(ckpt["total_it"])
@@ -724,15 +733,15 @@ class MultimodalLatent(MultimodalAgent):
 
         self.actor_vae = ActorVAE(f, a, latent_dim, c.max_latent_action).to(dev)
         self.actor_vae_target = frozen_copy(self.actor_vae)
-        self.actor_vae_optimizer = torch.optim.Adam(self.actor_vae.parameters(), lr=c.vae_lr)
+        self.actor_vae_optimizer = adam(self.actor_vae.parameters(), c.vae_lr, dev)
 
         self.actor = LatentActor(f, latent_dim, c.max_latent_action).to(dev)
         self.actor_target = frozen_copy(self.actor)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=c.actor_lr)
+        self.actor_optimizer = adam(self.actor.parameters(), c.actor_lr, dev)
 
         self.critic = Critic(f, a, c.value_folds).to(dev)
         self.critic_target = frozen_copy(self.critic)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=c.critic_lr)
+        self.critic_optimizer = adam(self.critic.parameters(), c.critic_lr, dev)
         # only the policy acts through it: training encodes with the online encoder
         self.encoder_target = frozen_copy(self.encoder) if c.polyak_acting else None
 
@@ -925,8 +934,9 @@ class MultimodalLatent(MultimodalAgent):
         with torch.no_grad():
             target_Q, target_V = self._critic_targets(state, next_obs_feature, reward, discount, action,
                                                       batch.observed_return, fold)
-        current_Q1, current_Q2 = self.critic(feature, action)
-        current_V = self.critic.v(feature, fold)
+        critic_feature = state if self.config.detached_critic else feature
+        current_Q1, current_Q2 = self.critic(critic_feature, action)
+        current_V = self.critic.v(critic_feature, fold)
         critic_loss = (F.mse_loss(current_Q1, target_Q) + F.mse_loss(current_Q2, target_Q)
                        + self._value_loss(current_V, target_V))
         self.critic_optimizer.zero_grad(set_to_none=True)
@@ -1032,7 +1042,7 @@ class MultimodalBC(MultimodalAgent):
         super().__init__(config, joint_dim, action_dim, image_shape, normalization, replay_buffer, device, **settings)
         # The policy head learns at the CVAE's rate: it is the component BC shares with LAPO.
         self.policy = mlp(self.config.obs_feature_dim, self.action_dim).to(self.device)
-        self.policy_optimizer = torch.optim.Adam(self.policy.parameters(), lr=self.config.vae_lr)
+        self.policy_optimizer = adam(self.policy.parameters(), self.config.vae_lr, self.device)
 
     def _modules(self):
         return {"encoder": self.encoder, "policy": self.policy}

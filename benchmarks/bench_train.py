@@ -52,7 +52,7 @@ class Floor:
         self.device, self.amp = device, agent.amp
         self.trunks = torch.nn.ModuleList(algos.resnet18_trunk(agent.config.image_feature_dim) for _ in range(3))
         self.trunks.to(device).to(memory_format=torch.channels_last)
-        self.optimizer = torch.optim.Adam(self.trunks.parameters(), lr=1e-4)
+        self.optimizer = algos.adam(self.trunks.parameters(), 1e-4, device)
         shape = (batch_size, 3, image_size, image_size)
         self.obs = [torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last) for _ in range(3)]
         self.next_obs = [torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last)

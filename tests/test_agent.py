@@ -327,6 +327,20 @@ def test_feature_dropout_acts_in_training_steps_only(tiny_dataset, algo):
     np.testing.assert_array_equal(dropped.select_action(*imgs, joint), dropped.select_action(*imgs, joint))
 
 
+@pytest.mark.parametrize("detached", [False, True])
+def test_with_detached_critic_the_encoder_learns_from_the_imitation_alone(tiny_dataset, detached, monkeypatch):
+    """--detached_critic: the critic's loss never reaches the encoder, so a step in which the
+    CVAE imitates nothing (every weight 0) leaves the encoder as it was; without the flag the
+    critic alone moves it."""
+    torch.manual_seed(0)
+    agent = algos.MultimodalLatent(replay_buffer=make_buffer(tiny_dataset), detached_critic=detached, **SMALL)
+    monkeypatch.setattr(agent, "_advantage_weight", lambda advantage, episode_advantage=None: torch.zeros_like(advantage))
+    before = [p.detach().clone() for p in agent.encoder.parameters()]
+    agent.train(1, 8)
+    moved = any(not torch.equal(a, b) for a, b in zip(before, agent.encoder.parameters()))
+    assert moved != detached
+
+
 def test_with_value_folds_each_episode_is_judged_by_a_head_that_never_fitted_it(tiny_dataset):
     """Each V head fits only its own fold's episodes; the filter judges an episode with another
     fold's head, so a head's fit of an episode's own return cannot decide its judgement."""
