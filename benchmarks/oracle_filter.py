@@ -41,8 +41,8 @@ def main():
     good = torch.tensor([name in args.keep for name in operators])
     judge = algos.MultimodalLatent._judge
 
-    def oracle_judge(self, first_rows, buffer=None):
-        episode, advantage = judge(self, first_rows, buffer)
+    def oracle_judge(self, first_rows, buffer=None, **kwargs):
+        episode, advantage = judge(self, first_rows, buffer, **kwargs)
         keep = good.to(episode.device)[episode]
         return episode, torch.where(keep, advantage.clamp(min=1e-3), advantage.clamp(max=-1e-3))
 
