@@ -126,17 +126,6 @@ def adam(parameters, lr, device):
     return torch.optim.Adam(parameters, lr=lr, fused=torch.device(device).type == "cuda")
 
 
-def expectile(values, tau, iterations=40):
-    """The ``tau`` expectile of each row of ``values`` [B, k] (bisection): the e with
-    tau * E[(x - e)+] = (1 - tau) * E[(e - x)+]; tau = 0.5 is the mean."""
-    low, high = values.min(1).values, values.max(1).values
-    for _ in range(iterations):
-        mid = (low + high) / 2
-        above = tau * (values - mid[:, None]).clamp(min=0).mean(1) > (1 - tau) * (mid[:, None] - values).clamp(min=0).mean(1)
-        low, high = torch.where(above, mid, low), torch.where(above, high, mid)
-    return (low + high) / 2
-
-
 def resnet18_trunk(image_feature_dim):
     """torchvision ResNet18 with GroupNorm and a head of ``image_feature_dim``.
 
@@ -740,7 +729,6 @@ class MultimodalLatent(MultimodalAgent):
         latent_dim = int(c.latent_dim or 2 * self.action_dim)
         # A of each episode at its first row, NaN until judged (see _refresh_episode_advantage)
         self.episode_advantage = None
-        self.start_return = self.start_feature = None   # with judge_neighbours: each training episode's first row
         f, a, dev = c.obs_feature_dim, self.action_dim, self.device
 
         self.actor_vae = ActorVAE(f, a, latent_dim, c.max_latent_action).to(dev)
@@ -879,64 +867,31 @@ class MultimodalLatent(MultimodalAgent):
         if self.episode_advantage is None or len(self.episode_advantage) != buffer.n_episodes:
             # a new run, or one resumed on another file: judge its episodes afresh
             self.episode_advantage = torch.full((buffer.n_episodes,), float("nan"), device=self.device)
-            self.start_return = torch.full((buffer.n_episodes,), float("nan"), device=self.device)
-            self.start_feature = torch.zeros(buffer.n_episodes, self.config.obs_feature_dim, device=self.device)
         n = min(n_episodes, len(first_rows))
         pick = (torch.arange(n) + self.total_it * n) % len(first_rows)
-        episode, advantage = self._judge(first_rows.index_select(0, pick.to(first_rows.device)), remember=True)
+        episode, advantage = self._judge(first_rows.index_select(0, pick.to(first_rows.device)))
         self.episode_advantage[episode] = advantage
 
     @torch.no_grad()
-    def _judge(self, first_rows, buffer=None, remember=False):
-        """(episode index, A_episode) of the episodes whose first rows are given: the return
-        from that row (n-step, bootstrapped by V) against V there, or with ``judge_neighbours``
-        against the expectile of the returns of the nearest training episodes' first rows.
-        ``remember``: these are training episodes; keep their first-row feature and return
-        for the neighbour judgements of the others."""
+    def _judge(self, first_rows, buffer=None):
+        """(episode index, A_episode) of the episodes whose first rows are given: A at that
+        row with the current encoder and critic."""
         batch = (buffer or self.replay_buffer).gather(first_rows)
         with self._autocast():
-            feature = self._encode(batch.images, batch.joint).float()
-            next_feature = self._encode(batch.next_images, batch.next_joint).float()
+            feature = self._encode(batch.images, batch.joint)
+            next_feature = self._encode(batch.next_images, batch.next_joint)
         # with value_folds > 1, by a V head that never fitted this episode: a head that fitted
         # it tends to the episode's own return, and its judgement then drifts to 0
-        fold = self._fold(batch.episode, offset=1)
-        if not self.config.judge_neighbours:
-            return batch.episode, self._advantage(feature, next_feature, batch.reward, batch.discount, fold).squeeze(1)
-        start_return = (batch.reward + batch.discount * self.critic.v(next_feature, fold)).clamp(
-            self.min_v, self.max_v).squeeze(1)
-        if remember:
-            self.start_feature[batch.episode] = feature
-            self.start_return[batch.episode] = start_return
-        return batch.episode, start_return - self._neighbour_baseline(feature, batch.episode)
-
-    def _neighbour_baseline(self, feature, episode):
-        """The ``value_expectile`` expectile of the returns of the ``judge_neighbours`` training
-        episodes whose remembered first-row features are nearest to ``feature`` (each row's own
-        episode left out); NaN (not judged, so kept) while fewer are remembered."""
-        k = self.config.judge_neighbours
-        if self.start_return is None:   # no training episode judged yet
-            return torch.full((len(episode),), float("nan"), device=feature.device)
-        known = ~torch.isnan(self.start_return)
-        distance = torch.cdist(feature, self.start_feature)                      # [B, episodes]
-        distance = distance.masked_fill(~known, float("inf"))
-        distance[torch.arange(len(episode), device=distance.device), episode] = float("inf")
-        if int(known.sum()) <= k:
-            return torch.full((len(episode),), float("nan"), device=feature.device)
-        nearest = distance.topk(k, dim=1, largest=False).indices
-        return expectile(self.start_return[nearest], self.config.value_expectile)
+        advantage = self._advantage(feature.float(), next_feature.float(), batch.reward, batch.discount,
+                                    self._fold(batch.episode, offset=1))
+        return batch.episode, advantage.squeeze(1)
 
     def _training_state(self):
-        if self.episode_advantage is None:
-            return {}
-        return {"episode_advantage": self.episode_advantage, "start_return": self.start_return,
-                "start_feature": self.start_feature}
+        return {} if self.episode_advantage is None else {"episode_advantage": self.episode_advantage}
 
     def _set_training_state(self, state):
-        self.episode_advantage = self.start_return = self.start_feature = None
-        if state.get("episode_advantage") is not None:
-            self.episode_advantage = state["episode_advantage"].to(self.device)
-            self.start_return = state["start_return"].to(self.device)
-            self.start_feature = state["start_feature"].to(self.device)
+        episode_advantage = state.get("episode_advantage")
+        self.episode_advantage = None if episode_advantage is None else episode_advantage.to(self.device)
 
     def _advantage(self, feature, next_feature, reward, discount, fold=None):
         """A = clamp(r + discount * V(s')) - clamp(V(s)) with the current critic (V's head of
@@ -979,9 +934,8 @@ class MultimodalLatent(MultimodalAgent):
         with torch.no_grad():
             target_Q, target_V = self._critic_targets(state, next_obs_feature, reward, discount, action,
                                                       batch.observed_return, fold)
-        critic_feature = state if self.config.detached_critic else feature
-        current_Q1, current_Q2 = self.critic(critic_feature, action)
-        current_V = self.critic.v(critic_feature, fold)
+        current_Q1, current_Q2 = self.critic(feature, action)
+        current_V = self.critic.v(feature, fold)
         critic_loss = (F.mse_loss(current_Q1, target_Q) + F.mse_loss(current_Q2, target_Q)
                        + self._value_loss(current_V, target_V))
         self.critic_optimizer.zero_grad(set_to_none=True)

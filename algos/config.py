@@ -92,15 +92,6 @@ class TrainConfig:
                                   "more the episode filter judges each episode with a head that never fitted it, "
                                   "so its judgement does not drift to 0 as V fits the episode's own return",
                                "algorithm", positive=True)
-    judge_neighbours: int = setting(0, "what the episode filter holds an episode's return against. 0: V at its first "
-                                       "row (the critic); k > 0: the --value_expectile expectile of the returns of "
-                                       "the k training episodes whose first rows are nearest in feature space (the "
-                                       "episode itself left out), a baseline of real returns that cannot drift to "
-                                       "the episode's own as V fits it", "algorithm")
-    detached_critic: bool = setting(False, "the critic learns on detached observation features, so the encoder "
-                                           "is trained by the CVAE alone and its features never come to encode a "
-                                           "training episode's own return (with --value_folds, the judging head "
-                                           "then never saw the episode in any form)", "algorithm")
     original_lapo: bool = setting(False, "the original LAPO algorithm on this encoder, for ablations: V fitted "
                                          "to Q at the latent policy's action (clipped noise unless --no_noise), "
                                          "CVAE weights --expectile and 1 - it by the sign of A, one-step backups "

@@ -11,7 +11,8 @@
 #    come back in $OUT/runs.tar.gz.
 # Under CUDA MPS when it starts (the runs' small kernels can then share the GPU), else plain.
 # Rounds: ROUND=screen (2026-12-04, fifth session: BC on the expert alone with regularisers,
-# LAPO towards 9000 steps); ROUND=oracle (LAPO with benchmarks/oracle_filter.py's filter).
+# LAPO towards 9000 steps); ROUND=oracle (LAPO with benchmarks/oracle_filter.py's filter;
+# that session's oracle figures with --detached_critic came from this script at ebf0042).
 # Set DEVICE=cpu SCALE=0.01 to try the script on a machine without a GPU.
 set -u
 OUT=${OUT:-results/gpu_round}
@@ -68,8 +69,7 @@ fi
 [ "$ROUND" = oracle ] && RUNS=(
   "oracle_s0|reach_wrong40|--seed 0 --max_timesteps $(steps 3000) --eval_freq $(steps 500) --eval_episodes 20"
   "oracle_s1|reach_wrong40|--seed 1 --max_timesteps $(steps 3000) --eval_freq $(steps 500) --eval_episodes 20"
-  "oracle_det_s0|reach_wrong40|--seed 0 --max_timesteps $(steps 3000) --eval_freq $(steps 500) --eval_episodes 20 --detached_critic"
-  "oracle_det_s1|reach_wrong40|--seed 1 --max_timesteps $(steps 3000) --eval_freq $(steps 500) --eval_episodes 20 --detached_critic"
+  "oracle_s2|reach_wrong40|--seed 2 --max_timesteps $(steps 3000) --eval_freq $(steps 500) --eval_episodes 20"
 )
 
 MPS=0

@@ -327,49 +327,6 @@ def test_feature_dropout_acts_in_training_steps_only(tiny_dataset, algo):
     np.testing.assert_array_equal(dropped.select_action(*imgs, joint), dropped.select_action(*imgs, joint))
 
 
-@pytest.mark.parametrize("detached", [False, True])
-def test_with_detached_critic_the_encoder_learns_from_the_imitation_alone(tiny_dataset, detached, monkeypatch):
-    """--detached_critic: the critic's loss never reaches the encoder, so a step in which the
-    CVAE imitates nothing (every weight 0) leaves the encoder as it was; without the flag the
-    critic alone moves it."""
-    torch.manual_seed(0)
-    agent = algos.MultimodalLatent(replay_buffer=make_buffer(tiny_dataset), detached_critic=detached, **SMALL)
-    monkeypatch.setattr(agent, "_advantage_weight", lambda advantage, episode_advantage=None: torch.zeros_like(advantage))
-    before = [p.detach().clone() for p in agent.encoder.parameters()]
-    agent.train(1, 8)
-    moved = any(not torch.equal(a, b) for a, b in zip(before, agent.encoder.parameters()))
-    assert moved != detached
-
-
-def test_expectile_is_the_mean_at_one_half_and_leans_to_the_top_above_it():
-    values = torch.tensor([[0.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0]])
-    assert torch.allclose(algos.expectile(values, 0.5), torch.tensor([0.25, 2.0]), atol=1e-5)
-    # tau * (1 - e) * 1/4 = (1 - tau) * 3e/4 at tau = 0.7: e = 0.7 / 1.6
-    assert torch.allclose(algos.expectile(values, 0.7), torch.tensor([0.7 / 1.6, 2.0]), atol=1e-5)
-
-
-def test_with_judge_neighbours_an_episode_is_held_against_its_neighbours_returns(tiny_dataset):
-    """--judge_neighbours k: A_episode = the episode's return minus the expectile of the k
-    nearest other training episodes' returns; never the episode's own return."""
-    torch.manual_seed(0)
-    agent = algos.MultimodalLatent(replay_buffer=make_buffer(tiny_dataset, n_step=1), judge_neighbours=2, **SMALL)
-    buffer = agent.replay_buffer
-    n_train = len(buffer.train_episode_first_rows)
-    agent._refresh_episode_advantage(n_episodes=n_train)   # remembers every start; first judgements
-    agent._refresh_episode_advantage(n_episodes=n_train)   # every neighbour known now
-    episode, advantage = agent._judge(buffer.train_episode_first_rows)
-    start_return = agent.start_return[episode]
-    feature = agent.start_feature[episode]
-    for i, e in enumerate(episode.tolist()):
-        distance = (agent.start_feature - feature[i]).norm(dim=1)
-        distance[e] = float("inf")
-        distance[torch.isnan(agent.start_return)] = float("inf")
-        nearest = distance.topk(2, largest=False).indices
-        baseline = algos.expectile(agent.start_return[nearest][None], agent.config.value_expectile)[0]
-        assert torch.isclose(advantage[i], start_return[i] - baseline, atol=1e-4)
-    assert torch.equal(agent.episode_advantage[episode], advantage)
-
-
 def test_with_value_folds_each_episode_is_judged_by_a_head_that_never_fitted_it(tiny_dataset):
     """Each V head fits only its own fold's episodes; the filter judges an episode with another
     fold's head, so a head's fit of an episode's own return cannot decide its judgement."""
