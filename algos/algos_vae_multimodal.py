@@ -120,9 +120,9 @@ def mlp(in_dim, out_dim, hidden=(256, 256, 256)):
 
 
 def adam(parameters, lr, device):
-    """Adam; on CUDA the fused kernel (one launch for all parameters instead of several per
-    tensor: a step of small heads is launch-bound on a GPU). The CPU keeps the default
-    implementation, whose results resume bit-exactly."""
+    """Adam; on CUDA the fused kernel (fewer launches for the many small tensors of the heads;
+    on an H200 at batch 256 the step time did not change measurably). The CPU keeps the
+    default implementation, whose results resume bit-exactly."""
     return torch.optim.Adam(parameters, lr=lr, fused=torch.device(device).type == "cuda")
 
 
