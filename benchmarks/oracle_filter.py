@@ -30,9 +30,14 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--keep", nargs="+", default=["expert"], help="operators whose episodes are kept (default: expert)")
     args = p.parse_args(ours)
+    if "--hdf5_path" not in theirs[:-1]:
+        sys.exit("oracle_filter.py needs main_multimodal.py's --hdf5_path FILE after '--' (a labelled dataset)")
     path = theirs[theirs.index("--hdf5_path") + 1]
-    with h5py.File(path, "r") as f:
-        operators = hdf5_format.read_episode_labels(f).get("operator")
+    try:
+        with h5py.File(path, "r") as f:
+            operators = hdf5_format.read_episode_labels(f).get("operator")
+    except OSError as exc:
+        sys.exit(f"{path}: cannot read it as HDF5 ({exc})")
     if operators is None:
         sys.exit(f"{path}: no operator labels to build the oracle filter from")
     unknown = set(args.keep) - set(operators)
@@ -41,8 +46,8 @@ def main():
     good = torch.tensor([name in args.keep for name in operators])
     judge = algos.MultimodalLatent._judge
 
-    def oracle_judge(self, first_rows, buffer=None, **kwargs):
-        episode, advantage = judge(self, first_rows, buffer, **kwargs)
+    def oracle_judge(self, first_rows, buffer=None):
+        episode, advantage = judge(self, first_rows, buffer)
         keep = good.to(episode.device)[episode]
         return episode, torch.where(keep, advantage.clamp(min=1e-3), advantage.clamp(max=-1e-3))
 
