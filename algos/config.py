@@ -101,6 +101,11 @@ class TrainConfig:
                                     "get 1 - this)", "algorithm", unit_interval="()")
     no_noise: bool = setting(False, "with --original_lapo: no clipped noise on the target latent action",
                              "algorithm")
+    kept_share: str = setting("positive", "which training episodes the episode filter keeps. positive: those "
+                                          "judged above 0; held_out: the best-judged ones, as many as the share of "
+                                          "held-out episodes judged above 0 (V never fits those, so their judgements "
+                                          "do not drift to 0 the way a fitted episode's do)", "algorithm",
+                              choices=("positive", "held_out"))
     kept_batch_frac: float = setting(0.5, "with the episode filter, the share of each batch drawn from the "
                                           "episodes it keeps (the rest uniform over the training rows)",
                                      "algorithm", unit_interval="[]")

@@ -411,6 +411,37 @@ def test_half_of_each_batch_comes_from_the_episodes_the_filter_keeps(tiny_datase
     assert len(set(torch.cat([agent._sample_batch(8).episode for _ in range(10)]).tolist())) > 1
 
 
+def test_held_out_kept_share_keeps_the_best_judged_training_episodes_in_that_share(tiny_dataset):
+    """kept_share="held_out": the filter keeps as many training episodes as the share of
+    held-out episodes judged above 0, the best-judged ones, whatever their sign; the
+    held-out episodes are judged as training goes; before any is judged the cut is 0."""
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), train_test_split=0.5, seed=0)
+    agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu",
+                                   kept_share="held_out")
+    train_eps, test_eps = buffer.train_episode_ids.tolist(), buffer.test_episode_ids.tolist()
+    assert len(train_eps) >= 2 and len(test_eps) >= 2
+    agent.episode_advantage = torch.full((buffer.n_episodes,), float("nan"))
+    agent.episode_advantage[train_eps] = torch.linspace(-0.4, -0.1, len(train_eps))   # all below 0
+    assert float(agent._keep_threshold()) == 0.0   # no held-out judgement yet
+    agent.episode_advantage[test_eps] = -1.0
+    agent.episode_advantage[test_eps[0]] = 2.0    # a share of 1 / len(test_eps) held-out episodes above 0
+    n_keep = round(len(train_eps) / len(test_eps))
+    kept = agent._kept(agent.episode_advantage, agent._keep_threshold())
+    assert sorted(np.array(train_eps)[kept[train_eps].numpy()].tolist()) == sorted(train_eps[-n_keep:])
+    agent.episode_advantage[test_eps] = 1.0    # every held-out episode above 0: keep every training one
+    assert bool(agent._kept(agent.episode_advantage, agent._keep_threshold())[train_eps].all())
+    agent.episode_advantage[test_eps] = -1.0   # none: keep none
+    assert not bool(agent._kept(agent.episode_advantage, agent._keep_threshold())[train_eps].any())
+    # training judges the held-out episodes too, and imitated_episode_frac counts training episodes only
+    fresh = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu",
+                                   kept_share="held_out")
+    fresh.train(len(test_eps), 8)
+    assert not torch.isnan(fresh.episode_advantage[test_eps]).any()
+    imitated = fresh.train(1, 8)["imitated_episode_frac"]   # after that step's judgements
+    judged_share = float((fresh.episode_advantage[test_eps] > 0).float().mean())
+    assert imitated == pytest.approx(round(judged_share * len(train_eps)) / len(train_eps), abs=1e-6)
+
+
 def test_advantage_weights_exponential_or_two_valued(tiny_dataset):
     data = hdf5_format.load_dataset(tiny_dataset, progress=False)
     buffer = utils.MultimodalReplayBuffer(data, train_test_split=0.8, seed=0)
