@@ -68,7 +68,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 LOSS_CHECK_EVERY = 100   # steps between host reads of the per-step loss record
 MAX_ADVANTAGE_WEIGHT = 100.0   # clip of exp(A / temperature), as in AWR and IQL
 EPISODES_JUDGED_PER_STEP = 8   # episodes whose advantage is refreshed each step (episode_filter)
-HELD_OUT_JUDGED_PER_STEP = 2   # held-out episodes judged each step as well, with kept_share="held_out"
 
 
 class CheckpointError(Exception):
@@ -728,8 +727,9 @@ class MultimodalLatent(MultimodalAgent):
         super().__init__(config, joint_dim, action_dim, image_shape, normalization, replay_buffer, device, **settings)
         c = self.config
         latent_dim = int(c.latent_dim or 2 * self.action_dim)
-        # A of each episode at its first row, NaN until judged (see _refresh_episode_advantage)
-        self.episode_advantage = None
+        # A of each episode at its first row, NaN until judged, and whether the filter keeps
+        # it (see _refresh_episode_advantage)
+        self.episode_advantage = self.episode_kept = None
         f, a, dev = c.obs_feature_dim, self.action_dim, self.device
 
         self.actor_vae = ActorVAE(f, a, latent_dim, c.max_latent_action).to(dev)
@@ -818,14 +818,15 @@ class MultimodalLatent(MultimodalAgent):
         expectile = self.config.value_expectile
         return 2 * (torch.where(error > 0, expectile, 1 - expectile) * error.pow(2)).mean()
 
-    def _advantage_weight(self, advantage, episode_advantage=None, threshold=0.0):
+    def _advantage_weight(self, advantage, episode_advantage=None, kept=None):
         """CVAE weight of each sample: ``exp(A / weight_temperature)`` clipped at
         ``MAX_ADVANTAGE_WEIGHT`` (AWR's form), or with ``original_lapo`` LAPO's two weights,
         ``expectile`` where A > 0 and 1 - ``expectile`` elsewhere.
 
         With ``episode_advantage`` (the advantage of each row's episode at its first row,
-        NaN where not yet judged): an episode the filter drops (``_kept`` at ``threshold``)
-        gets weight 0 on every row, and the others weigh
+        NaN where not yet judged): an episode the filter drops (``kept`` False; by default
+        ``_kept``: its return fell short of its start's value) gets weight 0 on every row,
+        and the others weigh
         ``exp(max(A, A_episode) / T)``. Why: a small weight does not stop a bad behaviour
         from being imitated in the states only it visited, and those are the states a
         policy drifts into; weighted by ``exp(A / T)`` alone, the good behaviour's own last
@@ -836,48 +837,27 @@ class MultimodalLatent(MultimodalAgent):
             judged = ~torch.isnan(episode_advantage)
             advantage = torch.where(judged, torch.maximum(advantage, episode_advantage), advantage)
             weight = torch.exp(advantage / self.config.weight_temperature).clamp(max=MAX_ADVANTAGE_WEIGHT)
-            return weight * self._kept(episode_advantage, threshold)
+            return weight * (self._kept(episode_advantage) if kept is None else kept)
         return torch.exp(advantage / self.config.weight_temperature).clamp(max=MAX_ADVANTAGE_WEIGHT)
 
-    def _kept(self, episode_advantage, threshold=0.0):
+    def _kept(self, episode_advantage):
         """The episode filter's rule: imitate an episode if its ``A_episode`` (its return
-        against its start's value) is above ``threshold`` (not yet judged, NaN: kept).
-        Training passes ``_keep_threshold()``; held-out episodes are always judged at 0.
-        Why 0: a margin below it, or Otsu's cut between the groups of judgements, let in
-        the poor episodes whose judgements rise towards 0 as the critic fits its training
-        episodes (docs/experiments/); CRR's binary filter is A > 0 too."""
-        return torch.isnan(episode_advantage) | (episode_advantage > threshold)
+        against its start's value) is above 0 (not yet judged, NaN: kept). Why 0: a margin
+        below it, or Otsu's cut between the groups of judgements, let in the poor episodes
+        whose judgements rise towards 0 as the critic fits its training episodes
+        (docs/experiments/); CRR's binary filter is A > 0 too."""
+        return torch.isnan(episode_advantage) | (episode_advantage > 0)
 
-    def _keep_threshold(self):
-        """The judgement a training episode must beat to be kept: 0, or with
-        ``kept_share="held_out"`` the judgement of the best-judged training episode not
-        kept when the filter keeps the same share of them as of the held-out episodes
-        (those judged above 0). Why: V fits each training episode's own return, so those
-        judgements drift to 0 from both sides and a cut at 0 drops good episodes by chance;
-        the held-out episodes, never fitted, say how many to keep, and the ranking of the
-        training ones says which. 0 until a held-out episode is judged."""
-        if self.config.kept_share != "held_out" or self.episode_advantage is None:
-            return 0.0
-        train_episodes, test_episodes = self._episode_split()
-        held_out = self.episode_advantage.index_select(0, test_episodes)
-        held_out_judged = ~torch.isnan(held_out)
-        share = (held_out > 0).sum() / held_out_judged.sum().clamp(min=1)
-        train = self.episode_advantage.index_select(0, train_episodes)
-        train_judged = ~torch.isnan(train)
-        n_keep = torch.round(share * train_judged.sum()).long()
-        ranked = torch.where(train_judged, train, float("-inf")).sort(descending=True).values
-        ranked = torch.cat([ranked, ranked.new_full((1,), float("-inf"))])   # n_keep = all judged: keep all
-        threshold = ranked.gather(0, n_keep.view(1)).squeeze(0)
-        return torch.where(held_out_judged.any(), threshold, torch.zeros_like(threshold))
-
-    def _episode_split(self):
-        """(training, held-out) episode indices of the replay buffer, on the device."""
-        buffer = self.replay_buffer
-        if getattr(self, "_split_of", None) is not buffer:
-            self._split_of = buffer
-            self._split = (torch.as_tensor(buffer.train_episode_ids, dtype=torch.long, device=self.device),
-                           torch.as_tensor(buffer.test_episode_ids, dtype=torch.long, device=self.device))
-        return self._split
+    def _update_kept(self, episode, advantage):
+        """The filter's state of the given episodes after a judgement: dropped below
+        -``filter_band``, kept above +``filter_band``, as before in between (with band 0:
+        ``_kept``). Why the band: V fits each training episode's own return, so the
+        judgements of expert and poor episodes alike drift to 0 as training goes on; the
+        band holds the decision made while they still told the episodes apart."""
+        band = self.config.filter_band
+        previous = self.episode_kept.index_select(0, episode)
+        kept = torch.where(advantage > band, True, torch.where(advantage < -band, False, previous))
+        self.episode_kept[episode] = kept
 
     def _sample_batch(self, batch_size):
         """With the filter, ``kept_batch_frac`` of each batch comes from the episodes it keeps.
@@ -888,31 +868,24 @@ class MultimodalLatent(MultimodalAgent):
         if not self.config.episode_filter or self.config.kept_batch_frac <= 0 or self.episode_advantage is None:
             return buffer.sample(batch_size, with_next=self.needs_next_obs)
         return buffer.sample(batch_size, with_next=self.needs_next_obs,
-                             episode_mask=self._kept(self.episode_advantage, self._keep_threshold()),
-                             masked_frac=self.config.kept_batch_frac)
+                             episode_mask=self.episode_kept, masked_frac=self.config.kept_batch_frac)
 
     @torch.no_grad()
     def _refresh_episode_advantage(self, n_episodes=EPISODES_JUDGED_PER_STEP):
         """Judge the next ``n_episodes`` training episodes (round robin, by step count, so a
         resumed run judges the same ones) with the current encoder and critic: A at the
-        episode's first row; with ``kept_share="held_out"`` also the next
-        ``HELD_OUT_JUDGED_PER_STEP`` held-out episodes. Costs two encoder forward passes
-        per episode judged."""
+        episode's first row. Costs 2 x ``n_episodes`` forward passes of the encoder a step."""
         buffer = self.replay_buffer
         first_rows = buffer.train_episode_first_rows
         if self.episode_advantage is None or len(self.episode_advantage) != buffer.n_episodes:
             # a new run, or one resumed on another file: judge its episodes afresh
             self.episode_advantage = torch.full((buffer.n_episodes,), float("nan"), device=self.device)
+            self.episode_kept = torch.ones(buffer.n_episodes, dtype=torch.bool, device=self.device)
         n = min(n_episodes, len(first_rows))
         pick = (torch.arange(n) + self.total_it * n) % len(first_rows)
-        rows = first_rows.index_select(0, pick.to(first_rows.device))
-        if self.config.kept_share == "held_out":
-            held_out_rows = buffer.test_episode_first_rows
-            m = min(HELD_OUT_JUDGED_PER_STEP, len(held_out_rows))
-            pick = (torch.arange(m) + self.total_it * m) % len(held_out_rows)
-            rows = torch.cat([rows, held_out_rows.index_select(0, pick.to(held_out_rows.device))])
-        episode, advantage = self._judge(rows)
+        episode, advantage = self._judge(first_rows.index_select(0, pick.to(first_rows.device)))
         self.episode_advantage[episode] = advantage
+        self._update_kept(episode, advantage)
 
     @torch.no_grad()
     def _judge(self, first_rows, buffer=None):
@@ -929,11 +902,15 @@ class MultimodalLatent(MultimodalAgent):
         return batch.episode, advantage.squeeze(1)
 
     def _training_state(self):
-        return {} if self.episode_advantage is None else {"episode_advantage": self.episode_advantage}
+        if self.episode_advantage is None:
+            return {}
+        return {"episode_advantage": self.episode_advantage, "episode_kept": self.episode_kept}
 
     def _set_training_state(self, state):
-        episode_advantage = state.get("episode_advantage")
-        self.episode_advantage = None if episode_advantage is None else episode_advantage.to(self.device)
+        self.episode_advantage = self.episode_kept = None
+        if state.get("episode_advantage") is not None:
+            self.episode_advantage = state["episode_advantage"].to(self.device)
+            self.episode_kept = state["episode_kept"].to(self.device)
 
     def _advantage(self, feature, next_feature, reward, discount, fold=None):
         """A = clamp(r + discount * V(s')) - clamp(V(s)) with the current critic (V's head of
@@ -987,11 +964,11 @@ class MultimodalLatent(MultimodalAgent):
         # ---- advantage-weighted CVAE (advantage from the critic after its step)
         with torch.no_grad():
             advantage = self._advantage(state, next_obs_feature, reward, discount, fold)
-            episode_advantage, threshold = None, 0.0
+            episode_advantage = kept = None
             if self.config.episode_filter and batch.episode is not None:
                 episode_advantage = self.episode_advantage[batch.episode].unsqueeze(1)
-                threshold = self._keep_threshold()
-            advantage_weight = self._advantage_weight(advantage, episode_advantage, threshold)
+                kept = self.episode_kept[batch.episode].unsqueeze(1)
+            advantage_weight = self._advantage_weight(advantage, episode_advantage, kept)
         recon_action, mean, log_var = self.actor_vae(feature, action)
         recon_loss = (recon_action - action).pow(2).sum(1, keepdim=True)
         kl_loss = -0.5 * (1 + log_var - mean.pow(2) - log_var.exp()).sum(1, keepdim=True)
@@ -1020,9 +997,8 @@ class MultimodalLatent(MultimodalAgent):
         if not self.config.episode_filter or self.episode_advantage is None:
             return torch.ones((), device=self.device)
         # counts, not a masked select: no wait for the host on every step
-        train = self.episode_advantage.index_select(0, self._episode_split()[0])
-        judged = ~torch.isnan(train)
-        kept = (judged & self._kept(train, self._keep_threshold())).sum()
+        judged = ~torch.isnan(self.episode_advantage)
+        kept = (judged & self.episode_kept).sum()
         n_judged = judged.sum()
         return torch.where(n_judged > 0, kept / n_judged.clamp(min=1), torch.ones((), device=self.device))
 

@@ -101,11 +101,11 @@ class TrainConfig:
                                     "get 1 - this)", "algorithm", unit_interval="()")
     no_noise: bool = setting(False, "with --original_lapo: no clipped noise on the target latent action",
                              "algorithm")
-    kept_share: str = setting("positive", "which training episodes the episode filter keeps. positive: those "
-                                          "judged above 0; held_out: the best-judged ones, as many as the share of "
-                                          "held-out episodes judged above 0 (V never fits those, so their judgements "
-                                          "do not drift to 0 the way a fitted episode's do)", "algorithm",
-                              choices=("positive", "held_out"))
+    filter_band: float = setting(0.0, "a judgement within this distance of 0 leaves an episode kept or dropped as "
+                                      "it was: the episode filter drops an episode judged below -band and takes it "
+                                      "back only when judged above +band (0: kept while judged above 0). Why: V fits "
+                                      "each training episode's own return, so late judgements drift to 0 and a cut "
+                                      "at 0 then keeps or drops episodes by chance", "algorithm")
     kept_batch_frac: float = setting(0.5, "with the episode filter, the share of each batch drawn from the "
                                           "episodes it keeps (the rest uniform over the training rows)",
                                      "algorithm", unit_interval="[]")
@@ -248,7 +248,7 @@ def problems(config):
                 out.append(f"--{f.name} must be in {interval[0]}0, 1{interval[1]}, got {value}")
         if meta["choices"] and value not in meta["choices"]:
             out.append(f"--{f.name} must be one of {', '.join(meta['choices'])}, got {value!r}")
-    for name in ("weight_temperature", "kl_beta", "eval_episodes", "image_shift", "keep_last"):
+    for name in ("weight_temperature", "kl_beta", "filter_band", "eval_episodes", "image_shift", "keep_last"):
         if getattr(config, name) < 0:
             out.append(f"--{name} must be >= 0, got {getattr(config, name)}")
     if config.resume and config.load_model:

@@ -10,8 +10,10 @@ episodes/operator, e.g. robomimic's worse/okay/better) and by whether the
 episode is in the training split (the episodes the critic has fitted) or held out (never
 seen). A filter that generalises keeps the same operators on both; one that has fitted
 its own training episodes drifts on those only. Prints one table per checkpoint: per
-behaviour and split, episodes, share kept (A_episode above the threshold), mean A_episode and
-mean V at the episodes' first rows (the value the return is judged against).
+behaviour and split, episodes, share judged above 0, the share the run's filter kept at
+that step (training episodes; what the CVAE imitated, which with --filter_band also
+depends on earlier judgements), mean A_episode and mean V at the episodes' first rows
+(the value the return is judged against).
 """
 import argparse
 import json
@@ -80,20 +82,23 @@ def main(argv=None):
         agent = algos.MultimodalAgent.from_checkpoint(path, device="cpu", replay_buffer=buffer)
         judged = {split: judge(agent, buffer, list(ids))
                   for split, ids in (("train", buffer.train_episode_ids), ("held out", buffer.test_episode_ids))}
-        threshold = 0.0   # the filter's rule (MultimodalLatent._kept)
-        print(f"\n{path} (step {agent.total_it}); kept: A_episode > 0")
-        print("| behaviour | split | episodes | kept | mean A_episode | mean V(start) |")
-        print("|---|---|---|---|---|---|")
+        run_kept = (agent.episode_kept.cpu().numpy() if agent.episode_kept is not None
+                    else np.ones(buffer.n_episodes, bool))
+        print(f"\n{path} (step {agent.total_it})")
+        print("| behaviour | split | episodes | A_episode > 0 | kept by the run | mean A_episode | mean V(start) |")
+        print("|---|---|---|---|---|---|---|")
         rows = []
         for split, (judged_ids, advantage, start_value) in judged.items():
             for name in names:
                 mask = episode_behaviour[judged_ids] == name
                 if not mask.any():
                     continue
-                kept = float((advantage[mask] > threshold).mean())
-                print(f"| {name} | {split} | {int(mask.sum())} | {kept:.2f} | {advantage[mask].mean():+.3f} "
-                      f"| {start_value[mask].mean():+.3f} |")
+                kept = float((advantage[mask] > 0).mean())
+                by_run = float(run_kept[judged_ids[mask]].mean()) if split == "train" else float("nan")
+                print(f"| {name} | {split} | {int(mask.sum())} | {kept:.2f} | {by_run:.2f} | "
+                      f"{advantage[mask].mean():+.3f} | {start_value[mask].mean():+.3f} |")
                 rows.append({"behaviour": name, "split": split, "episodes": int(mask.sum()), "kept": kept,
+                             "kept_by_run": by_run,
                              "mean_advantage": float(advantage[mask].mean()),
                              "mean_start_value": float(start_value[mask].mean())})
         report[path] = {"step": agent.total_it, "rows": rows}

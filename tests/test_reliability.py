@@ -397,6 +397,34 @@ def test_every_training_episode_is_judged_at_its_first_row(tiny_dataset):
         (agent.episode_advantage[episodes] > 0).float().mean().item())
 
 
+def test_filter_band_holds_each_episode_kept_or_dropped_until_judged_beyond_it(tiny_dataset):
+    """With --filter_band b an episode is dropped when judged below -b, taken back only
+    when judged above +b, and left as it was in between; the CVAE and the batches follow
+    that state, and a checkpoint carries it. With 0 it is the sign of the last judgement."""
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), train_test_split=0.8, seed=0)
+    agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu",
+                                   filter_band=0.1)
+    agent.episode_advantage = torch.full((buffer.n_episodes,), float("nan"))
+    agent.episode_kept = torch.ones(buffer.n_episodes, dtype=torch.bool)
+    episode = torch.tensor(sorted(buffer.train_episode_ids.tolist())[:2])
+    states = []
+    for a in ([-0.05, 0.5], [-0.2, -0.05], [0.05, -0.2], [0.15, 0.05]):
+        agent._update_kept(episode, torch.tensor(a))
+        states.append(agent.episode_kept[episode].tolist())
+    assert states == [[True, True], [False, True], [False, False], [True, False]]
+    advantage = torch.zeros(2, 1)
+    weight = agent._advantage_weight(advantage, torch.tensor([[0.15], [0.05]]), agent.episode_kept[episode].unsqueeze(1))
+    assert weight.squeeze(1).tolist() == pytest.approx([float(np.exp(0.15 / agent.config.weight_temperature)), 0.0])
+    saved = agent._training_state()
+    agent._set_training_state({k: v.clone() for k, v in saved.items()})
+    assert torch.equal(agent.episode_kept, saved["episode_kept"])
+    plain = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu")
+    plain.episode_kept = torch.ones(buffer.n_episodes, dtype=torch.bool)
+    for a in ([-0.05, 0.5], [0.01, -0.01]):
+        plain._update_kept(episode, torch.tensor(a))
+        assert plain.episode_kept[episode].tolist() == plain._kept(torch.tensor(a)).tolist()
+
+
 def test_half_of_each_batch_comes_from_the_episodes_the_filter_keeps(tiny_dataset):
     buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), train_test_split=0.8, seed=0)
     agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu")
@@ -404,42 +432,12 @@ def test_half_of_each_batch_comes_from_the_episodes_the_filter_keeps(tiny_datase
     train_eps = sorted(buffer.train_episode_ids.tolist())
     agent.episode_advantage = torch.full((buffer.n_episodes,), -1.0)
     agent.episode_advantage[train_eps[0]] = 0.3
+    agent.episode_kept = agent._kept(agent.episode_advantage)
     for _ in range(10):
         batch = agent._sample_batch(8)
         assert batch.episode[4:].tolist() == [train_eps[0]] * 4
     agent.config = dataclasses.replace(agent.config, kept_batch_frac=0.0)   # uniform batches
     assert len(set(torch.cat([agent._sample_batch(8).episode for _ in range(10)]).tolist())) > 1
-
-
-def test_held_out_kept_share_keeps_the_best_judged_training_episodes_in_that_share(tiny_dataset):
-    """kept_share="held_out": the filter keeps as many training episodes as the share of
-    held-out episodes judged above 0, the best-judged ones, whatever their sign; the
-    held-out episodes are judged as training goes; before any is judged the cut is 0."""
-    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), train_test_split=0.5, seed=0)
-    agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu",
-                                   kept_share="held_out")
-    train_eps, test_eps = buffer.train_episode_ids.tolist(), buffer.test_episode_ids.tolist()
-    assert len(train_eps) >= 2 and len(test_eps) >= 2
-    agent.episode_advantage = torch.full((buffer.n_episodes,), float("nan"))
-    agent.episode_advantage[train_eps] = torch.linspace(-0.4, -0.1, len(train_eps))   # all below 0
-    assert float(agent._keep_threshold()) == 0.0   # no held-out judgement yet
-    agent.episode_advantage[test_eps] = -1.0
-    agent.episode_advantage[test_eps[0]] = 2.0    # a share of 1 / len(test_eps) held-out episodes above 0
-    n_keep = round(len(train_eps) / len(test_eps))
-    kept = agent._kept(agent.episode_advantage, agent._keep_threshold())
-    assert sorted(np.array(train_eps)[kept[train_eps].numpy()].tolist()) == sorted(train_eps[-n_keep:])
-    agent.episode_advantage[test_eps] = 1.0    # every held-out episode above 0: keep every training one
-    assert bool(agent._kept(agent.episode_advantage, agent._keep_threshold())[train_eps].all())
-    agent.episode_advantage[test_eps] = -1.0   # none: keep none
-    assert not bool(agent._kept(agent.episode_advantage, agent._keep_threshold())[train_eps].any())
-    # training judges the held-out episodes too, and imitated_episode_frac counts training episodes only
-    fresh = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu",
-                                   kept_share="held_out")
-    fresh.train(len(test_eps), 8)
-    assert not torch.isnan(fresh.episode_advantage[test_eps]).any()
-    imitated = fresh.train(1, 8)["imitated_episode_frac"]   # after that step's judgements
-    judged_share = float((fresh.episode_advantage[test_eps] > 0).float().mean())
-    assert imitated == pytest.approx(round(judged_share * len(train_eps)) / len(train_eps), abs=1e-6)
 
 
 def test_advantage_weights_exponential_or_two_valued(tiny_dataset):
