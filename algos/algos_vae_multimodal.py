@@ -848,14 +848,17 @@ class MultimodalLatent(MultimodalAgent):
         (docs/experiments/); CRR's binary filter is A > 0 too."""
         return torch.isnan(episode_advantage) | (episode_advantage > 0)
 
-    def _update_kept(self, episode, advantage):
+    def _update_kept(self, episode, advantage, first=None):
         """The filter's state of the given episodes after a judgement: dropped below
-        -``filter_band``, kept above +``filter_band``, as before in between (with band 0:
-        ``_kept``). Why the band: V fits each training episode's own return, so the
-        judgements of expert and poor episodes alike drift to 0 as training goes on; the
-        band holds the decision made while they still told the episodes apart."""
+        -``filter_band``, kept above +``filter_band``, as before in between; at an
+        episode's ``first`` judgement, its sign (with band 0 always: ``_kept``). Why the
+        band: V fits each training episode's own return, so the judgements of expert and
+        poor episodes alike drift to 0 as training goes on; the band holds the decision made
+        while they still told the episodes apart."""
         band = self.config.filter_band
         previous = self.episode_kept.index_select(0, episode)
+        if first is not None:
+            previous = torch.where(first, advantage > 0, previous)
         kept = torch.where(advantage > band, True, torch.where(advantage < -band, False, previous))
         self.episode_kept[episode] = kept
 
@@ -884,8 +887,9 @@ class MultimodalLatent(MultimodalAgent):
         n = min(n_episodes, len(first_rows))
         pick = (torch.arange(n) + self.total_it * n) % len(first_rows)
         episode, advantage = self._judge(first_rows.index_select(0, pick.to(first_rows.device)))
+        first = torch.isnan(self.episode_advantage.index_select(0, episode))
         self.episode_advantage[episode] = advantage
-        self._update_kept(episode, advantage)
+        self._update_kept(episode, advantage, first)
 
     @torch.no_grad()
     def _judge(self, first_rows, buffer=None):

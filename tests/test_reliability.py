@@ -412,6 +412,8 @@ def test_filter_band_holds_each_episode_kept_or_dropped_until_judged_beyond_it(t
         agent._update_kept(episode, torch.tensor(a))
         states.append(agent.episode_kept[episode].tolist())
     assert states == [[True, True], [False, True], [False, False], [True, False]]
+    agent._update_kept(episode, torch.tensor([0.05, -0.05]), first=torch.tensor([True, True]))
+    assert agent.episode_kept[episode].tolist() == [True, False]   # a first judgement: its sign
     advantage = torch.zeros(2, 1)
     weight = agent._advantage_weight(advantage, torch.tensor([[0.15], [0.05]]), agent.episode_kept[episode].unsqueeze(1))
     assert weight.squeeze(1).tolist() == pytest.approx([float(np.exp(0.15 / agent.config.weight_temperature)), 0.0])
