@@ -13,6 +13,7 @@ last line is ``step/floor ratio: X.XX``.
 import argparse
 import multiprocessing
 import os
+import queue as queue_lib
 import resource
 import statistics
 import sys
@@ -113,7 +114,14 @@ def in_fresh_process(target, *args):
     queue = ctx.Queue()
     proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
-    result = queue.get()
+    while True:   # a child that died without an answer is an error, not a wait forever
+        try:
+            result = queue.get(timeout=1.0)
+            break
+        except queue_lib.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"{target.__name__} ended with exit code {proc.exitcode} before it "
+                                   "reported its figures (its error is printed above)") from None
     proc.join()
     return result
 
