@@ -837,8 +837,6 @@ class MultimodalLatent(MultimodalAgent):
             judged = ~torch.isnan(episode_advantage)
             advantage = torch.where(judged, torch.maximum(advantage, episode_advantage), advantage)
             weight = torch.exp(advantage / self.config.weight_temperature).clamp(max=MAX_ADVANTAGE_WEIGHT)
-            if self.config.kept_weight == "constant":
-                weight = torch.where(judged, torch.full_like(weight, MAX_ADVANTAGE_WEIGHT), weight)
             return weight * (self._kept(episode_advantage) if kept is None else kept)
         return torch.exp(advantage / self.config.weight_temperature).clamp(max=MAX_ADVANTAGE_WEIGHT)
 

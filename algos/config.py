@@ -106,11 +106,6 @@ class TrainConfig:
                                       "back only when judged above +band (0: kept while judged above 0). Why: V fits "
                                       "each training episode's own return, so late judgements drift to 0 and a cut "
                                       "at 0 then keeps or drops episodes by chance", "algorithm")
-    kept_weight: str = setting("advantage", "CVAE weight of the rows of the episodes the filter keeps. advantage: "
-                                            "exp(max(A, A_episode) / T), clipped; constant: the clip, on every kept "
-                                            "row (the weight of an episode judged well above its start's value), so "
-                                            "the CVAE's share of the encoder's gradient does not fall as the "
-                                            "judgements drift to 0", "algorithm", choices=("advantage", "constant"))
     kept_batch_frac: float = setting(0.5, "with the episode filter, the share of each batch drawn from the "
                                           "episodes it keeps (the rest uniform over the training rows)",
                                      "algorithm", unit_interval="[]")

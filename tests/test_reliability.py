@@ -370,10 +370,6 @@ def test_episode_filter_drops_episodes_that_fall_short_and_lifts_the_rest(tiny_d
                                    device="cpu", weight_temperature=0.1)
     weight = agent._advantage_weight(advantage, episode_advantage).squeeze(1).tolist()
     assert weight == pytest.approx([w * k for w, k in zip(lifted, kept)])
-    # --kept_weight constant: every judged and kept row at the clip, unjudged rows as before
-    agent.config = dataclasses.replace(agent.config, kept_weight="constant")
-    weight = agent._advantage_weight(advantage, episode_advantage).squeeze(1).tolist()
-    assert weight == pytest.approx([lifted[0]] + [algos.MAX_ADVANTAGE_WEIGHT * k for k in kept[1:]])
 
 
 def test_every_training_episode_is_judged_at_its_first_row(tiny_dataset):
