@@ -399,8 +399,9 @@ def test_every_training_episode_is_judged_at_its_first_row(tiny_dataset):
 
 def test_filter_band_holds_each_episode_kept_or_dropped_until_judged_beyond_it(tiny_dataset):
     """With --filter_band b an episode is dropped when judged below -b, taken back only
-    when judged above +b, and left as it was in between; the CVAE and the batches follow
-    that state, and a checkpoint carries it. With 0 it is the sign of the last judgement."""
+    when judged above +b, and left as it was in between (a first judgement: its sign); the
+    CVAE's weights follow that state, and a checkpoint carries it. With 0 it is the sign of
+    the last judgement."""
     buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), train_test_split=0.8, seed=0)
     agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu",
                                    filter_band=0.1)
