@@ -848,19 +848,31 @@ class MultimodalLatent(MultimodalAgent):
         (docs/experiments/); CRR's binary filter is A > 0 too."""
         return torch.isnan(episode_advantage) | (episode_advantage > 0)
 
-    def _update_kept(self, episode, advantage, first=None):
-        """The filter's state of the given episodes after a judgement: dropped below
-        -``filter_band``, kept above +``filter_band``, as before in between; at an
-        episode's ``first`` judgement, its sign (with band 0 always: ``_kept``). Why the
-        band: V fits each training episode's own return, so the judgements of expert and
-        poor episodes alike drift to 0 as training goes on; the band holds the decision made
-        while they still told the episodes apart."""
+    def _episode_state(self, buffer):
+        """Create the filter's state for every episode of ``buffer``'s file (not judged,
+        kept) unless it exists: a new run, or one resumed on another file, starts afresh.
+        The held-out episodes' entries are the offline criterion's (``offline_metrics``);
+        training reads only the training episodes' entries."""
+        if self.episode_advantage is None or len(self.episode_advantage) != buffer.n_episodes:
+            self.episode_advantage = torch.full((buffer.n_episodes,), float("nan"), device=self.device)
+            self.episode_kept = torch.ones(buffer.n_episodes, dtype=torch.bool, device=self.device)
+        if getattr(self, "_train_episode", None) is None or len(self._train_episode) != buffer.n_episodes:
+            self._train_episode = torch.zeros(buffer.n_episodes, dtype=torch.bool, device=self.device)
+            self._train_episode[torch.as_tensor(buffer.train_episode_ids, device=self.device)] = True
+
+    def _record_judgement(self, episode, advantage):
+        """Store the given episodes' judgements and their filter state after them: dropped
+        below -``filter_band``, kept above +``filter_band``, as before in between; at an
+        episode's first judgement, by ``_kept`` (its sign). Why the band: V fits each
+        training episode's own return, so the judgements of expert and poor episodes alike
+        drift to 0 as training goes on; the band holds the decision made while they still
+        told the episodes apart."""
         band = self.config.filter_band
-        previous = self.episode_kept.index_select(0, episode)
-        if first is not None:
-            previous = torch.where(first, advantage > 0, previous)
-        kept = torch.where(advantage > band, True, torch.where(advantage < -band, False, previous))
-        self.episode_kept[episode] = kept
+        first = torch.isnan(self.episode_advantage.index_select(0, episode))
+        previous = torch.where(first, self._kept(advantage), self.episode_kept.index_select(0, episode))
+        self.episode_advantage[episode] = advantage
+        self.episode_kept[episode] = torch.where(advantage > band, True,
+                                                 torch.where(advantage < -band, False, previous))
 
     def _sample_batch(self, batch_size):
         """With the filter, ``kept_batch_frac`` of each batch comes from the episodes it keeps.
@@ -879,17 +891,11 @@ class MultimodalLatent(MultimodalAgent):
         resumed run judges the same ones) with the current encoder and critic: A at the
         episode's first row. Costs 2 x ``n_episodes`` forward passes of the encoder a step."""
         buffer = self.replay_buffer
+        self._episode_state(buffer)
         first_rows = buffer.train_episode_first_rows
-        if self.episode_advantage is None or len(self.episode_advantage) != buffer.n_episodes:
-            # a new run, or one resumed on another file: judge its episodes afresh
-            self.episode_advantage = torch.full((buffer.n_episodes,), float("nan"), device=self.device)
-            self.episode_kept = torch.ones(buffer.n_episodes, dtype=torch.bool, device=self.device)
         n = min(n_episodes, len(first_rows))
         pick = (torch.arange(n) + self.total_it * n) % len(first_rows)
-        episode, advantage = self._judge(first_rows.index_select(0, pick.to(first_rows.device)))
-        first = torch.isnan(self.episode_advantage.index_select(0, episode))
-        self.episode_advantage[episode] = advantage
-        self._update_kept(episode, advantage, first)
+        self._record_judgement(*self._judge(first_rows.index_select(0, pick.to(first_rows.device))))
 
     @torch.no_grad()
     def _judge(self, first_rows, buffer=None):
@@ -1001,7 +1007,7 @@ class MultimodalLatent(MultimodalAgent):
         if not self.config.episode_filter or self.episode_advantage is None:
             return torch.ones((), device=self.device)
         # counts, not a masked select: no wait for the host on every step
-        judged = ~torch.isnan(self.episode_advantage)
+        judged = ~torch.isnan(self.episode_advantage) & self._train_episode
         kept = (judged & self.episode_kept).sum()
         n_judged = judged.sum()
         return torch.where(n_judged > 0, kept / n_judged.clamp(min=1), torch.ones((), device=self.device))
@@ -1009,16 +1015,22 @@ class MultimodalLatent(MultimodalAgent):
     @torch.no_grad()
     def offline_metrics(self, buffer=None):
         """As the base class's, after judging the held-out episodes the way the filter judges
-        the training ones (``held_out_kept``, what ``test_kept_action_mse`` is measured on;
-        when it keeps none, every held-out episode, so that a criterion always exists)."""
+        the training ones, into the same state (so ``filter_band`` holds their decisions
+        from one evaluation to the next too): ``held_out_kept``, the episodes
+        ``test_kept_action_mse`` is measured on. A judgement that would keep none of them
+        leaves their states as they were (before the first judgement: every held-out episode
+        kept). Why: a criterion whose episodes change from one checkpoint to the next
+        compares different things, and cannot rank the checkpoints."""
         buffer = buffer or self.replay_buffer
-        self.held_out_kept = torch.zeros(buffer.n_episodes, dtype=torch.bool, device=self.device)
+        self._episode_state(buffer)
+        held_out = ~self._train_episode
+        previous = self.episode_kept.clone()
         first_rows = buffer.test_episode_first_rows
         for start in range(0, len(first_rows), 256):
-            episode, advantage = self._judge(first_rows[start:start + 256], buffer)
-            self.held_out_kept[episode] = self._kept(advantage)
-        # the metric is measured on held-out rows only, so "every episode" is every held-out one
-        self.held_out_measured = self.held_out_kept if self.held_out_kept.any() else torch.ones_like(self.held_out_kept)
+            self._record_judgement(*self._judge(first_rows[start:start + 256], buffer))
+        if not (self.episode_kept & held_out).any():
+            self.episode_kept = torch.where(held_out, previous, self.episode_kept)
+        self.held_out_kept = self.episode_kept & held_out
         return super().offline_metrics(buffer)
 
     def _offline_metrics(self, batch, feature):
@@ -1032,11 +1044,11 @@ class MultimodalLatent(MultimodalAgent):
         recon_err = (self.actor_vae.decode(feature, mean) - action).pow(2).mean(1)
         advantage = self._advantage(feature, batch.next_feature.float(), batch.reward, batch.discount).squeeze(1)
         positive = (advantage > 0).float()
-        kept, measured = self.held_out_kept[batch.episode].float(), self.held_out_measured[batch.episode].float()
+        kept = self.held_out_kept[batch.episode].float()
         q1, q2 = self.critic(feature, action)
         return {"test_action_mse": action_err.mean(),
                 "test_good_action_mse": ((action_err * positive).sum(), positive.sum()),
-                "test_kept_action_mse": ((action_err * measured).sum(), measured.sum()),
+                "test_kept_action_mse": ((action_err * kept).sum(), kept.sum()),
                 "test_kept_row_frac": kept.mean(),
                 "test_vae_recon_mse": recon_err.mean(), "test_q_mean": q1.mean(),
                 "test_v_mean": self.critic.v(feature).mean(), "test_advantage_mean": advantage.mean(),

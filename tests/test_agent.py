@@ -286,28 +286,42 @@ def test_the_policy_acts_through_the_polyak_averages_of_all_its_parts(tiny_datas
 
 def test_model_selection_metric_measures_the_held_out_episodes_the_filter_keeps(tmp_path, monkeypatch):
     """test_kept_action_mse (LAPO's offline criterion for policy_best) is the policy's action
-    error on the held-out episodes the filter's rule keeps; when the rule keeps none of them,
-    on every held-out episode, so that a criterion (and a policy_best) always exists."""
+    error on the held-out episodes the filter's rule keeps, judged into the filter's state;
+    a judgement that would keep none of them leaves the set as it was, so that the criterion
+    never switches to other episodes mid-run (before any judgement: every held-out one)."""
     data = write_dataset(tmp_path / "d.hdf5", n_rows=80, episode_len=10)
     lapo = algos.MultimodalLatent(replay_buffer=utils.MultimodalReplayBuffer(
         hdf5_format.load_dataset(data, progress=False), train_test_split=0.5, seed=0), **SMALL)
-    everything = lapo.offline_metrics()
-    first_rows = lapo.replay_buffer.test_episode_first_rows
+    buffer = lapo.replay_buffer
+    first_rows = buffer.test_episode_first_rows
     assert len(first_rows) >= 2
-    one_episode = int(lapo.replay_buffer.episode_index[first_rows[0]])
-    monkeypatch.setattr(lapo, "_kept", lambda a: torch.arange(len(a)) == 0)   # keeps the first held-out episode
+    one_episode = int(buffer.episode_index[first_rows[0]])
+    judge = lapo._judge
+
+    def judged(advantage_of):   # the held-out episodes judged as given, by their order
+        def _judge(rows, buffer=None):
+            episode, _ = judge(rows, buffer)
+            return episode, torch.tensor([advantage_of(i) for i in range(len(episode))])
+        return _judge
+
+    monkeypatch.setattr(lapo, "_judge", judged(lambda i: -1.0))
+    everything = lapo.offline_metrics()   # nothing kept at the first judgement: every held-out episode
+    assert everything["test_kept_row_frac"] == 1.0
+    assert everything["test_kept_action_mse"] == pytest.approx(everything["test_action_mse"], rel=1e-5)
+    monkeypatch.setattr(lapo, "_judge", judged(lambda i: 1.0 if i == 0 else -1.0))
     one = lapo.offline_metrics()
-    rows = lapo.replay_buffer.eval_rows
-    in_episode = lapo.replay_buffer.episode_index[rows] == one_episode
+    rows = buffer.eval_rows
+    in_episode = buffer.episode_index[rows] == one_episode
     assert one["test_kept_row_frac"] == pytest.approx(float(in_episode.float().mean()))
-    batch = lapo.replay_buffer.gather(rows[in_episode])
+    batch = buffer.gather(rows[in_episode])
     with torch.no_grad():
         expected = (lapo._act(batch.images, batch.joint) - batch.action).pow(2).mean()
     assert one["test_kept_action_mse"] == pytest.approx(float(expected), rel=1e-4)
-    monkeypatch.setattr(lapo, "_kept", lambda a: torch.zeros_like(a, dtype=torch.bool))
-    nothing = lapo.offline_metrics()
-    assert nothing["test_kept_row_frac"] == 0.0
-    assert nothing["test_kept_action_mse"] == pytest.approx(everything["test_action_mse"], rel=1e-5)
+    monkeypatch.setattr(lapo, "_judge", judged(lambda i: -1.0))
+    still = lapo.offline_metrics()   # all judged poor now: the set stays the one episode
+    assert still["test_kept_row_frac"] == one["test_kept_row_frac"]
+    assert still["test_kept_action_mse"] == pytest.approx(one["test_kept_action_mse"], rel=1e-5)
+    assert not lapo.episode_kept[torch.as_tensor(buffer.train_episode_ids)].logical_not().any()   # training's untouched
 
 
 @pytest.mark.parametrize("algo", ["lapo", "bc"])

@@ -409,12 +409,12 @@ def test_filter_band_holds_each_episode_kept_or_dropped_until_judged_beyond_it(t
     agent.episode_kept = torch.ones(buffer.n_episodes, dtype=torch.bool)
     episode = torch.tensor(sorted(buffer.train_episode_ids.tolist())[:2])
     states = []
-    for a in ([-0.05, 0.5], [-0.2, -0.05], [0.05, -0.2], [0.15, 0.05]):
-        agent._update_kept(episode, torch.tensor(a))
+    for a in ([-0.05, 0.5], [0.05, -0.05], [0.15, -0.2], [0.05, 0.05]):
+        agent._record_judgement(episode, torch.tensor(a))
         states.append(agent.episode_kept[episode].tolist())
-    assert states == [[True, True], [False, True], [False, False], [True, False]]
-    agent._update_kept(episode, torch.tensor([0.05, -0.05]), first=torch.tensor([True, True]))
-    assert agent.episode_kept[episode].tolist() == [True, False]   # a first judgement: its sign
+    # a first judgement sets the state by its sign; within the band nothing changes
+    assert states == [[False, True], [False, True], [True, False], [True, False]]
+    assert agent.episode_advantage[episode].tolist() == pytest.approx([0.05, 0.05])
     advantage = torch.zeros(2, 1)
     weight = agent._advantage_weight(advantage, torch.tensor([[0.15], [0.05]]), agent.episode_kept[episode].unsqueeze(1))
     assert weight.squeeze(1).tolist() == pytest.approx([float(np.exp(0.15 / agent.config.weight_temperature)), 0.0])
@@ -422,9 +422,9 @@ def test_filter_band_holds_each_episode_kept_or_dropped_until_judged_beyond_it(t
     agent._set_training_state({k: v.clone() for k, v in saved.items()})
     assert torch.equal(agent.episode_kept, saved["episode_kept"])
     plain = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu")
-    plain.episode_kept = torch.ones(buffer.n_episodes, dtype=torch.bool)
+    plain._episode_state(buffer)
     for a in ([-0.05, 0.5], [0.01, -0.01]):
-        plain._update_kept(episode, torch.tensor(a))
+        plain._record_judgement(episode, torch.tensor(a))
         assert plain.episode_kept[episode].tolist() == plain._kept(torch.tensor(a)).tolist()
 
 
