@@ -101,11 +101,15 @@ class TrainConfig:
                                     "get 1 - this)", "algorithm", unit_interval="()")
     no_noise: bool = setting(False, "with --original_lapo: no clipped noise on the target latent action",
                              "algorithm")
-    filter_band: float = setting(0.0, "a judgement within this distance of 0 leaves an episode kept or dropped as "
-                                      "it was: the episode filter drops an episode judged below -band and takes it "
-                                      "back only when judged above +band (0: kept while judged above 0). Why: V fits "
+    filter_band: float = setting(0.1, "a judgement within this distance of 0 leaves an episode kept or dropped as "
+                                      "it was, in units of the largest one-step reward: the episode filter drops an "
+                                      "episode judged below -band and takes it back only when judged above +band "
+                                      "(its first judgement: its sign; 0: kept while judged above 0). Why: V fits "
                                       "each training episode's own return, so late judgements drift to 0 and a cut "
                                       "at 0 then keeps or drops episodes by chance", "algorithm")
+    critic_encoder_grad: float = setting(1.0, "share of the critic's gradient that reaches the shared image/joint "
+                                              "encoder (the CVAE's reaches it whole); 0: the critic reads the "
+                                              "features the imitation learns", "algorithm", unit_interval="[]")
     kept_batch_frac: float = setting(0.5, "with the episode filter, the share of each batch drawn from the "
                                           "episodes it keeps (the rest uniform over the training rows)",
                                      "algorithm", unit_interval="[]")

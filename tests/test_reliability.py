@@ -421,7 +421,8 @@ def test_filter_band_holds_each_episode_kept_or_dropped_until_judged_beyond_it(t
     saved = agent._training_state()
     agent._set_training_state({k: v.clone() for k, v in saved.items()})
     assert torch.equal(agent.episode_kept, saved["episode_kept"])
-    plain = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu")
+    plain = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu",
+                                   filter_band=0.0)
     plain._episode_state(buffer)
     for a in ([-0.05, 0.5], [0.01, -0.01]):
         plain._record_judgement(episode, torch.tensor(a))
