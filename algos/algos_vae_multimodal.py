@@ -963,12 +963,8 @@ class MultimodalLatent(MultimodalAgent):
         with torch.no_grad():
             target_Q, target_V = self._critic_targets(state, next_obs_feature, reward, discount, action,
                                                       batch.observed_return, fold)
-        critic_feature = feature
-        share = self.config.critic_encoder_grad
-        if share != 1.0 and feature.requires_grad:   # the same values, the critic's gradient scaled by share
-            critic_feature = share * feature + (1 - share) * feature.detach()
-        current_Q1, current_Q2 = self.critic(critic_feature, action)
-        current_V = self.critic.v(critic_feature, fold)
+        current_Q1, current_Q2 = self.critic(feature, action)
+        current_V = self.critic.v(feature, fold)
         critic_loss = (F.mse_loss(current_Q1, target_Q) + F.mse_loss(current_Q2, target_Q)
                        + self._value_loss(current_V, target_V))
         self.critic_optimizer.zero_grad(set_to_none=True)

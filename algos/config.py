@@ -107,9 +107,6 @@ class TrainConfig:
                                       "(its first judgement: its sign; 0: kept while judged above 0). Why: V fits "
                                       "each training episode's own return, so late judgements drift to 0 and a cut "
                                       "at 0 then keeps or drops episodes by chance", "algorithm")
-    critic_encoder_grad: float = setting(1.0, "share of the critic's gradient that reaches the shared image/joint "
-                                              "encoder (the CVAE's reaches it whole); 0: the critic reads the "
-                                              "features the imitation learns", "algorithm", unit_interval="[]")
     kept_batch_frac: float = setting(0.5, "with the episode filter, the share of each batch drawn from the "
                                           "episodes it keeps (the rest uniform over the training rows)",
                                      "algorithm", unit_interval="[]")

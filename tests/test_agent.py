@@ -366,26 +366,3 @@ def test_with_value_folds_each_episode_is_judged_by_a_head_that_never_fitted_it(
     agent.critic.v(feature, agent._fold(fold0.episode)).sum().backward()
     assert last.weight.grad[0].abs().sum() > 0 and last.weight.grad[1].abs().sum() == 0
 
-
-@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
-def test_critic_encoder_grad_scales_the_critics_gradient_into_the_encoder(tiny_dataset, share):
-    """--critic_encoder_grad: the share of the critic's gradient that reaches the shared
-    encoder's features (the CVAE's is untouched); the critic's own update is the same."""
-    grads, critic_weights = [], []
-    for scale in (1.0, share):
-        torch.manual_seed(0)
-        agent = algos.MultimodalLatent(replay_buffer=make_buffer(tiny_dataset), critic_encoder_grad=scale, **SMALL)
-        agent._refresh_episode_advantage()
-        agent.episode_kept.zero_()   # every episode dropped: CVAE weight 0, so feature.grad is the critic's
-        batch = agent._sample_batch(8)
-        with torch.no_grad():
-            obs_feature = agent.encoder(batch.images, batch.joint)
-            next_feature = agent.encoder(batch.next_images, batch.next_joint)
-        feature = obs_feature.clone().requires_grad_()
-        agent._update_heads(feature, next_feature, batch)
-        grads.append(feature.grad.clone())
-        critic_weights.append(copy.deepcopy(agent.critic.state_dict()))
-    assert grads[0].abs().sum() > 0
-    torch.testing.assert_close(grads[1], share * grads[0])
-    for name, weight in critic_weights[0].items():
-        torch.testing.assert_close(critic_weights[1][name], weight)
