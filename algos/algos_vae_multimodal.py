@@ -730,6 +730,7 @@ class MultimodalLatent(MultimodalAgent):
         # A of each episode at its first row, NaN until judged, and whether the filter keeps
         # it (see _refresh_episode_advantage)
         self.episode_advantage = self.episode_kept = None
+        self._train_episode = None   # which of the file's episodes are training ones (see _episode_state)
         f, a, dev = c.obs_feature_dim, self.action_dim, self.device
 
         self.actor_vae = ActorVAE(f, a, latent_dim, c.max_latent_action).to(dev)
@@ -856,7 +857,7 @@ class MultimodalLatent(MultimodalAgent):
         if self.episode_advantage is None or len(self.episode_advantage) != buffer.n_episodes:
             self.episode_advantage = torch.full((buffer.n_episodes,), float("nan"), device=self.device)
             self.episode_kept = torch.ones(buffer.n_episodes, dtype=torch.bool, device=self.device)
-        if getattr(self, "_train_episode", None) is None or len(self._train_episode) != buffer.n_episodes:
+        if self._train_episode is None or len(self._train_episode) != buffer.n_episodes:
             self._train_episode = torch.zeros(buffer.n_episodes, dtype=torch.bool, device=self.device)
             self._train_episode[torch.as_tensor(buffer.train_episode_ids, device=self.device)] = True
 

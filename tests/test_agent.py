@@ -365,4 +365,3 @@ def test_with_value_folds_each_episode_is_judged_by_a_head_that_never_fitted_it(
         feature = agent.encoder(fold0.images, fold0.joint)
     agent.critic.v(feature, agent._fold(fold0.episode)).sum().backward()
     assert last.weight.grad[0].abs().sum() > 0 and last.weight.grad[1].abs().sum() == 0
-
