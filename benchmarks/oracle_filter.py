@@ -7,7 +7,10 @@ training episode's judgement A_episode keeps its value but takes the sign the fi
 operator label gives it (positive for the operators named by --keep, negative for the
 others), so the CVAE imitates exactly the good operators' episodes, weighted within them
 as usual. If a run with this filter still declines, the decline is not the filter's; if it
-does not, the filter's judgements are what drifts. Needs a file with operator labels
+does not, the filter's judgements are what drifts. With ``--algo bc`` after ``--``, every
+batch is drawn from the good operators' rows only: behaviour cloning of exactly the episodes
+the oracle keeps, on the same file, split and normalisation (the imitation's ceiling for
+LAPO on that file). Needs a file with operator labels
 (create_dataset.py --create_sample records them). Not a training mode: a yardstick.
 """
 import argparse
@@ -51,7 +54,12 @@ def main():
         keep = good.to(episode.device)[episode]
         return episode, torch.where(keep, advantage.clamp(min=1e-3), advantage.clamp(max=-1e-3))
 
+    def oracle_batch(self, batch_size):
+        return self.replay_buffer.sample(batch_size, with_next=self.needs_next_obs, episode_mask=good,
+                                         masked_frac=1.0)
+
     algos.MultimodalLatent._judge = oracle_judge
+    algos.MultimodalBC._sample_batch = oracle_batch
     print(f"oracle filter: keeping {int(good.sum())} of {len(good)} episodes ({', '.join(args.keep)})")
     sys.exit(main_multimodal.main(theirs))
 
