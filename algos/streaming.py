@@ -220,6 +220,23 @@ class StreamReplayBuffer(MultimodalReplayBuffer):
         """Fill the shuffle buffer with the blocks at ``position`` .. ``position + n_active``
         of the order (the last one into the spare slot) and read ahead from there on."""
         self.close()   # ends the previous readers
+        if self.rotates:
+            self._start_readers(position)
+        self.position, self._draws = position, draws
+        self._active = []          # [(block, slot)], oldest first
+        self._incoming = None      # (block, slot, copy-done event or None)
+        self._fetched = position   # order position of the next block to stage
+        for slot in range(self.n_active):
+            self._stage(slot)
+            self._activate_incoming()
+        if self.rotates:
+            self._stage(self.n_active)
+        self._refresh_sampleable()
+
+    def _start_readers(self, position):
+        """Reader processes that read the blocks ahead, in stream order from ``position`` on.
+        Started only when the blocks rotate: with every block resident they are read once, here
+        (starting readers only to end them at once raced their start-up and aborted them)."""
         loader = torch.utils.data.DataLoader(
             self._reader, batch_size=None, sampler=BlockOrder(len(self.blocks), self.sample_seed, position),
             num_workers=self.workers, prefetch_factor=PREFETCH_BLOCKS, pin_memory=self._pin,
@@ -231,24 +248,16 @@ class StreamReplayBuffer(MultimodalReplayBuffer):
             # global generator, or a resumed run would draw other noise than the straight run
             generator=torch.Generator().manual_seed(self.sample_seed))
         self._readers.append(iter(loader))
-        self.position, self._draws = position, draws
-        self._active = []          # [(block, slot)], oldest first
-        self._incoming = None      # (block, slot, copy-done event or None)
-        self._fetched = position   # order position of the next block the loader gives
-        for slot in range(self.n_active):
-            self._stage(slot)
-            self._activate_incoming()
-        if self.rotates:
-            self._stage(self.n_active)
-        else:
-            self.close()   # every block is resident: nothing more to read
-        self._refresh_sampleable()
 
     def _stage(self, slot):
         """Copy the next block of the stream into ``slot`` (on CUDA: on the side stream, after
         the work queued so far, which may still read that slot's previous block)."""
         block = self.order.block_at(self._fetched)
-        images = next(self._readers[0])
+        if self._readers:
+            images = next(self._readers[0])
+        else:
+            with h5py.File(self.path, "r") as f:
+                images = torch.from_numpy(read_images(f, slice(*self.blocks[block])))
         self._fetched += 1
         start, stop = self.blocks[block]
         first = self.n_fixed + slot * self.block_size
