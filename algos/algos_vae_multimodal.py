@@ -13,8 +13,9 @@ five back, for ablations; docs/design.md says why, docs/experiments/ has the mea
     advantages of the good data go negative with it;
   * the CVAE's weights are exp(A / ``weight_temperature``), as in AWR, not LAPO's two values;
   * the episode filter: the CVAE skips the episodes whose return fell short of their
-    start's value, and half of each batch (``kept_batch_frac``) is drawn from the episodes
-    it keeps, so that the CVAE has rows to imitate at every step;
+    start's value, judged by a V head fitted on the other episodes (``value_folds``), and
+    every batch (``kept_batch_frac``) is drawn from the episodes it keeps, so that the CVAE
+    has a whole batch to imitate at every step;
   * the policy acts through Polyak averages of all it is made of: the encoder's average,
     the latent actor's and the decoder's (the targets), not the online networks, whose
     last few hundred steps swing the policy's success by +-0.1;
@@ -741,7 +742,7 @@ class MultimodalLatent(MultimodalAgent):
         self.actor_target = frozen_copy(self.actor)
         self.actor_optimizer = adam(self.actor.parameters(), c.actor_lr, dev)
 
-        self.critic = Critic(f, a, c.value_folds).to(dev)
+        self.critic = Critic(f, a, c.value_heads).to(dev)
         self.critic_target = frozen_copy(self.critic)
         self.critic_optimizer = adam(self.critic.parameters(), c.critic_lr, dev)
         # only the policy acts through it: training encodes with the online encoder
@@ -932,7 +933,7 @@ class MultimodalLatent(MultimodalAgent):
     def _fold(self, episode, offset=0):
         """The V head of each row's episode (its own fold, or with ``offset`` the next one);
         None with a single head."""
-        folds = self.config.value_folds
+        folds = self.config.value_heads
         return None if folds == 1 else (episode + offset) % folds
 
     def _train_step(self, batch):

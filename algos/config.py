@@ -88,9 +88,10 @@ class TrainConfig:
                                      "algorithm", unit_interval="()")
     weight_temperature: float = setting(0.05, "CVAE weights exp(A / this), clipped at 100, in units of the "
                                               "largest one-step reward", "algorithm", positive=True)
-    value_folds: int = setting(1, "V heads, each fitted on its own share of the training episodes; with 2 or "
+    value_folds: int = setting(2, "V heads, each fitted on its own share of the training episodes; with 2 or "
                                   "more the episode filter judges each episode with a head that never fitted it, "
-                                  "so its judgement does not drift to 0 as V fits the episode's own return",
+                                  "so its judgement does not drift to 0 as V fits the episode's own return "
+                                  "(1: one V judges the episodes it fitted; --original_lapo uses one)",
                                "algorithm", positive=True)
     original_lapo: bool = setting(False, "the original LAPO algorithm on this encoder, for ablations: V fitted "
                                          "to Q at the latent policy's action (clipped noise unless --no_noise), "
@@ -107,9 +108,9 @@ class TrainConfig:
                                       "(its first judgement: its sign; 0: kept while judged above 0). Why: V fits "
                                       "each training episode's own return, so late judgements drift to 0 and a cut "
                                       "at 0 then keeps or drops episodes by chance", "algorithm")
-    kept_batch_frac: float = setting(0.5, "with the episode filter, the share of each batch drawn from the "
-                                          "episodes it keeps (the rest uniform over the training rows)",
-                                     "algorithm", unit_interval="[]")
+    kept_batch_frac: float = setting(1.0, "with the episode filter, the share of each batch drawn from the "
+                                          "episodes it keeps (the rest uniform over the training rows; 0: "
+                                          "uniform batches)", "algorithm", unit_interval="[]")
 
     # ---- run: bookkeeping, free to change on resume
     seed: int = setting(0, "seed of the weights, the batches and the train/test split of episodes", "run")
@@ -169,6 +170,11 @@ class TrainConfig:
     def episode_filter(self):
         """The CVAE imitates only the episodes that did better than their start's value."""
         return not self.original_lapo
+
+    @property
+    def value_heads(self):
+        """V heads: one per fold of the training episodes (``value_folds``), or one for the original."""
+        return 1 if self.original_lapo else self.value_folds
 
     @property
     def polyak_acting(self):

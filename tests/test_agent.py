@@ -345,7 +345,7 @@ def test_with_value_folds_each_episode_is_judged_by_a_head_that_never_fitted_it(
     """Each V head fits only its own fold's episodes; the filter judges an episode with another
     fold's head, so a head's fit of an episode's own return cannot decide its judgement."""
     torch.manual_seed(0)
-    agent = algos.MultimodalLatent(replay_buffer=make_buffer(tiny_dataset, n_step=1), value_folds=2, **SMALL)
+    agent = algos.MultimodalLatent(replay_buffer=make_buffer(tiny_dataset, n_step=1), **SMALL)   # 2 folds by default
     last = agent.critic.v_net[-1]
     with torch.no_grad():
         last.weight.zero_()
@@ -365,3 +365,7 @@ def test_with_value_folds_each_episode_is_judged_by_a_head_that_never_fitted_it(
         feature = agent.encoder(fold0.images, fold0.joint)
     agent.critic.v(feature, agent._fold(fold0.episode)).sum().backward()
     assert last.weight.grad[0].abs().sum() > 0 and last.weight.grad[1].abs().sum() == 0
+    # the original algorithm has one V, fitted on every episode
+    original = algos.MultimodalLatent(replay_buffer=make_buffer(tiny_dataset, n_step=1, original_lapo=True),
+                                      original_lapo=True, **SMALL)
+    assert original.critic.v_net[-1].out_features == 1 and original._fold(fold0.episode) is None

@@ -429,17 +429,19 @@ def test_filter_band_holds_each_episode_kept_or_dropped_until_judged_beyond_it(t
         assert plain.episode_kept[episode].tolist() == plain._kept(torch.tensor(a)).tolist()
 
 
-def test_half_of_each_batch_comes_from_the_episodes_the_filter_keeps(tiny_dataset):
+def test_batches_come_from_the_episodes_the_filter_keeps(tiny_dataset):
     buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), train_test_split=0.8, seed=0)
     agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu")
-    assert agent.config.kept_batch_frac == 0.5
     train_eps = sorted(buffer.train_episode_ids.tolist())
     agent.episode_advantage = torch.full((buffer.n_episodes,), -1.0)
     agent.episode_advantage[train_eps[0]] = 0.3
     agent.episode_kept = agent._kept(agent.episode_advantage)
-    for _ in range(10):
-        batch = agent._sample_batch(8)
-        assert batch.episode[4:].tolist() == [train_eps[0]] * 4
+    for _ in range(10):   # by default the whole batch
+        assert agent._sample_batch(8).episode.tolist() == [train_eps[0]] * 8
+    agent.config = dataclasses.replace(agent.config, kept_batch_frac=0.5)   # the last half of it
+    halves = [agent._sample_batch(8).episode for _ in range(10)]
+    assert all(batch[4:].tolist() == [train_eps[0]] * 4 for batch in halves)
+    assert len(set(torch.cat([batch[:4] for batch in halves]).tolist())) > 1
     agent.config = dataclasses.replace(agent.config, kept_batch_frac=0.0)   # uniform batches
     assert len(set(torch.cat([agent._sample_batch(8).episode for _ in range(10)]).tolist())) > 1
 
