@@ -643,7 +643,7 @@ def write_report(args, argv, steps, variants, per_run, references, failed, timin
     command = shlex.join(["python", "benchmarks/suite.py", *argv])
     extra_text = (f"; --extra {args.extra!r}" if args.extra else "") + (
         f"; --lapo_extra {args.lapo_extra!r}" if args.lapo_extra else "")
-    selection = ("the offline criterion (LAPO test_good_action_mse, BC test_action_mse)"
+    selection = ("the offline criterion (LAPO test_kept_action_mse, BC test_action_mse)"
                  if args.train_eval_episodes == 0 else f"{args.train_eval_episodes} rollouts at each evaluation")
     lines = ["# LAPO and BC on the benchmark variants", "",
              f"Command: `{command}`", "",

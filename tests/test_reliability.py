@@ -388,9 +388,10 @@ def test_every_training_episode_is_judged_at_its_first_row(tiny_dataset):
     judged = agent.episode_advantage
     assert torch.isnan(judged).sum() == buffer.n_episodes - len(first_rows)   # test episodes are never judged
     batch = buffer.gather(first_rows)
-    with torch.no_grad():
+    with torch.no_grad():   # each by the V head of the other fold of episodes
         expected = agent._advantage(agent.encoder(batch.images, batch.joint),
-                                    agent.encoder(batch.next_images, batch.next_joint), batch.reward, batch.discount)
+                                    agent.encoder(batch.next_images, batch.next_joint), batch.reward, batch.discount,
+                                    agent._fold(batch.episode, offset=1))
     torch.testing.assert_close(judged[episodes], expected.squeeze(1))
     agent.train(3, 8)
     assert agent.train(1, 8)["imitated_episode_frac"] == pytest.approx(
