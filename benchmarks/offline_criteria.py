@@ -1,13 +1,16 @@
 """How well offline metrics rank a run's checkpoints against their rollout scores.
 
     python benchmarks/offline_criteria.py --data D.hdf5 RUN_FOLDER [RUN_FOLDER ...]
+    python benchmarks/offline_criteria.py --from_progress RUN_FOLDER [RUN_FOLDER ...]
 
 For every step checkpoint of each run (model_<step>.pth), recomputes the held-out metrics
 with this code (``offline_metrics`` on the run's own held-out split) and pairs them with the
 rollout score progress.csv recorded at that step. Prints, per run and metric, Spearman's rank
 correlation between the metric and the score (sign turned so that +1 is a perfect ranking)
 and the score of the checkpoint the metric would pick against the best checkpoint's. A
-metric worth choosing model_best by ranks well on every run, not on one.
+metric worth choosing model_best by ranks well on every run, not on one. With
+``--from_progress`` the metrics are the ones progress.csv recorded at each evaluation (no
+checkpoints needed: runs that kept only their last one can still be ranked).
 """
 import argparse
 import os
@@ -29,26 +32,30 @@ METRICS = {"test_good_action_mse": "min", "test_kept_action_mse": "min", "test_a
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="the dataset the runs were trained on")
-    p.add_argument("runs", nargs="+", help="run folders holding progress.csv and model_<step>.pth")
+    p.add_argument("--data", help="the dataset the runs were trained on (to recompute the metrics)")
+    p.add_argument("--from_progress", action="store_true",
+                   help="rank by the metrics progress.csv recorded instead of recomputing them")
+    p.add_argument("runs", nargs="+", help="run folders holding progress.csv (and model_<step>.pth)")
     args = p.parse_args(argv)
+    if not args.from_progress and not args.data:
+        p.error("--data is needed unless --from_progress is given")
     torch.set_grad_enabled(False)
-    dataset = hdf5_format.load_dataset(args.data, progress=False)
+    dataset = None if args.from_progress else hdf5_format.load_dataset(args.data, progress=False)
     print("| run | metric | Spearman with score | picked step: score | best step: score |")
     print("|---|---|---|---|---|")
     for folder in args.runs:
-        score = {int(r["steps"]): float(r["NormalizedScore"])
-                 for r in experiment.ProgressLog(os.path.join(folder, "progress.csv")).rows() if r.get("NormalizedScore")}
-        steps = sorted(s for s in experiment.step_checkpoints(folder) if s in score)
-        metrics, buffer = {}, None
-        for step in steps:
-            path = os.path.join(folder, f"model_{step}.pth")
-            if buffer is None:
-                ckpt = algos.read_checkpoint(path)
-                buffer = utils.MultimodalReplayBuffer(dataset, ckpt["config"], device="cpu",
-                                                      normalization=utils.Normalization.from_state_dict(ckpt["normalization"]))
-            agent = algos.MultimodalAgent.from_checkpoint(path, device="cpu", replay_buffer=buffer)
-            metrics[step] = agent.offline_metrics(buffer)
+        rows = [r for r in experiment.ProgressLog(os.path.join(folder, "progress.csv")).rows()
+                if r.get("NormalizedScore")]
+        score = {int(r["steps"]): float(r["NormalizedScore"]) for r in rows}
+        if args.from_progress:
+            steps = sorted(score)
+            metrics = {int(r["steps"]): {k: float(v) for k, v in r.items() if k in METRICS and v} for r in rows}
+        else:
+            steps = sorted(s for s in experiment.step_checkpoints(folder) if s in score)
+            metrics = recompute(folder, steps, dataset)
+        if not steps:
+            print(f"{folder}: no evaluated steps to rank", file=sys.stderr)
+            continue
         scores = [score[s] for s in steps]
         best = steps[int(np.argmax(scores))]
         for name, direction in METRICS.items():
@@ -60,6 +67,20 @@ def main(argv=None):
             picked = steps[int(np.nanargmax([sign * v for v in values]))]
             print(f"| {os.path.basename(os.path.dirname(folder.rstrip('/')))} | {name} | {rho:+.2f} | "
                   f"{picked}: {score[picked]:.2f} | {best}: {score[best]:.2f} |", flush=True)
+
+
+def recompute(folder, steps, dataset):
+    """{step: offline metrics} of the run's step checkpoints, on its own held-out split."""
+    metrics, buffer = {}, None
+    for step in steps:
+        path = os.path.join(folder, f"model_{step}.pth")
+        if buffer is None:
+            ckpt = algos.read_checkpoint(path)
+            buffer = utils.MultimodalReplayBuffer(dataset, ckpt["config"], device="cpu",
+                                                  normalization=utils.Normalization.from_state_dict(ckpt["normalization"]))
+        agent = algos.MultimodalAgent.from_checkpoint(path, device="cpu", replay_buffer=buffer)
+        metrics[step] = agent.offline_metrics(buffer)
+    return metrics
 
 
 if __name__ == "__main__":

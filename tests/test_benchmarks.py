@@ -127,3 +127,18 @@ def test_bench_data_prints_its_figures_on_a_tiny_setting(tmp_path, capsys):
     for figure in ("sampler, memory mode", "sampler, stream mode", "stream/memory", "stream mode peak RSS"):
         assert figure in out
     assert not list(tmp_path.glob("*.hdf5"))   # its files are deleted
+
+
+def test_offline_criteria_ranks_the_recorded_metrics_of_a_run(tmp_path, capsys):
+    """--from_progress ranks checkpoints by what progress.csv recorded: a metric that falls as
+    the score rises ranks perfectly and picks the best step; one that rises, the worst."""
+    import offline_criteria
+    run = tmp_path / "Exp1" / "multimodal_robot"
+    run.mkdir(parents=True)
+    lines = ["steps,NormalizedScore,test_kept_action_mse,test_action_mse",
+             "500,0.2,0.30,0.10", "1000,0.9,0.10,0.30", "1500,0.5,0.20,0.20"]
+    (run / "progress.csv").write_text("\n".join(lines) + "\n")
+    offline_criteria.main(["--from_progress", str(run)])
+    rows = {line.split(" | ")[1]: line for line in capsys.readouterr().out.splitlines() if "Exp1" in line}
+    assert "+1.00" in rows["test_kept_action_mse"] and "1000: 0.90 | 1000: 0.90" in rows["test_kept_action_mse"]
+    assert "-1.00" in rows["test_action_mse"] and "500: 0.20 | 1000: 0.90" in rows["test_action_mse"]
