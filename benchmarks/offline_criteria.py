@@ -39,7 +39,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.from_progress and not args.data:
         p.error("--data is needed unless --from_progress is given")
-    torch.set_grad_enabled(False)
     dataset = None if args.from_progress else hdf5_format.load_dataset(args.data, progress=False)
     print("| run | metric | Spearman with score | picked step: score | best step: score |")
     print("|---|---|---|---|---|")
@@ -69,6 +68,7 @@ def main(argv=None):
                   f"{picked}: {score[picked]:.2f} | {best}: {score[best]:.2f} |", flush=True)
 
 
+@torch.no_grad()
 def recompute(folder, steps, dataset):
     """{step: offline metrics} of the run's step checkpoints, on its own held-out split."""
     metrics, buffer = {}, None
