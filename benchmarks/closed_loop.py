@@ -75,6 +75,17 @@ def compare_with_expert(agent, name, config, seeds, expert="expert", expert_dims
     return np.array(records, dtype=np.float64).reshape(-1, 5), successes
 
 
+def episode_distances(records, n_episodes):
+    """Each episode's distance to the goal before its first and before its last step (nan if unreported)."""
+    start, end = np.full(n_episodes, np.nan), np.full(n_episodes, np.nan)
+    for before, episode in records[:, :2]:
+        i = int(episode)
+        if np.isnan(start[i]):
+            start[i] = before
+        end[i] = before
+    return start, end
+
+
 def summary_rows(records, successes):
     """Median cosine and ratio, mean agreement per (distance bin, succeeded/failed)."""
     rows = []
@@ -125,6 +136,11 @@ def main(argv=None):
         print("|---|---|---|---|---|---|")
         for bin_label, label, n, cosine, ratio, agree in summary_rows(records, successes):
             print(f"| {bin_label} | {label} | {n} | {cosine:.2f} | {ratio:.2f} | {agree:.2f} |")
+        start, end = episode_distances(records, len(seeds))
+        failed = ~successes & np.isfinite(end)
+        if failed.any():
+            print(f"failed episodes: median distance to the goal {np.median(start[failed]):.2f} at the start, "
+                  f"{np.median(end[failed]):.2f} before the last step (stopped short, or wandered off)")
         with_expert = {dims: compare_with_expert(agent, name, config, seeds, expert_dims=dims)[1].mean()
                        for dims in ("joint_targets", "other")}
         print(f"success with the expert's joint-target dims executed instead of the policy's: "

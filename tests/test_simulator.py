@@ -400,6 +400,8 @@ def test_closed_loop_diagnostic_compares_each_visited_state_with_the_expert(tmp_
         distance = moved[moved[:, 1] == episode, 0]
         assert distance[-1] < distance[0] - 0.1
         assert np.all(records[records[:, 1] == episode, 0] == records[records[:, 1] == episode, 0][0])
+    start, end = closed_loop.episode_distances(moved, 2)        # the expert's arms close in, episode by episode
+    assert np.all(end < start - 0.1) and start[0] == moved[moved[:, 1] == 0, 0][0]
     assert np.all(moved[:, 3] == 0)
     # the expert's grippers alone leave the hold-still arms where they are
     gripped, _ = closed_loop.compare_with_expert(HoldStill(), name, config, seeds=[5, 6], expert_dims="other")
