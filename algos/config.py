@@ -44,7 +44,9 @@ class TrainConfig:
     relative_actions: str = setting("auto", "learn joint-target action dims as the change from the current "
                                             "joint (auto: where the data says so)", "data",
                                     choices=("auto", "all", "none"))
-    image_shift: int = setting(0, "random-shift augmentation of training images, in pixels", "data")
+    image_shift: int = setting(2, "random-shift augmentation of training images, up to this many pixels "
+                                  "each way (DrQ; the few kept episodes are imitated without memorising "
+                                  "exact pixels; DrQ uses 4 at 84x84; 0: off)", "data")
 
     # ---- model: the observation encoder
     obs_feature_dim: int = setting(256, "fused observation feature size", "model", positive=True)

@@ -471,7 +471,7 @@ def test_resume_command_names_an_automatically_assigned_expid():
 
 
 def test_resume_takes_the_checkpoint_settings_and_refuses_contradicting_flags(tmp_path, tiny_dataset, capsys):
-    assert train_in_process(tmp_path, tiny_dataset, "--image_shift", "2", "--kl_beta", "0.5", "--n_step", "3",
+    assert train_in_process(tmp_path, tiny_dataset, "--image_shift", "1", "--kl_beta", "0.5", "--n_step", "3",
                             exp="r") == 0
     capsys.readouterr()
     code = train_in_process(tmp_path, tiny_dataset, "--max_timesteps", "4", "--resume", "--kl_beta", "0.7",
@@ -484,7 +484,7 @@ def test_resume_takes_the_checkpoint_settings_and_refuses_contradicting_flags(tm
                                  "--max_timesteps", "4", "--eval_freq", "2", "--resume"]) == 0
     params = json.loads((tmp_path / "results" / "Expr" / "multimodal_robot" / "params.json").read_text())
     config = params["config"]
-    assert (config["image_shift"], config["kl_beta"], config["n_step"], config["obs_feature_dim"]) == (2, 0.5, 3, 32)
+    assert (config["image_shift"], config["kl_beta"], config["n_step"], config["obs_feature_dim"]) == (1, 0.5, 3, 32)
     ckpt = algos.read_checkpoint(tmp_path / "results" / "Expr" / "multimodal_robot" / "model_final.pth")
     assert ckpt["config"].n_step == 3 and ckpt["total_it"] == 4
 
