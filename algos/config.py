@@ -110,6 +110,12 @@ class TrainConfig:
                                       "(its first judgement: its sign; 0: kept while judged above 0). Why: V fits "
                                       "each training episode's own return, so late judgements drift to 0 and a cut "
                                       "at 0 then keeps or drops episodes by chance", "algorithm")
+    encoder_bc_rows: int = setting(0, "rows a step drawn uniformly from every training episode, the ones the "
+                                      "episode filter drops included, on which an auxiliary head predicts the "
+                                      "recorded action; its loss trains the encoder (with the batch's own rows), "
+                                      "the head never acts. Why: the CVAE imitates the few kept episodes, and an "
+                                      "encoder fitted to them alone learns their scenes by heart, while every "
+                                      "operator, good or poor, acts on where things are. 0: off", "algorithm")
     kept_batch_frac: float = setting(1.0, "with the episode filter, the share of each batch drawn from the "
                                           "episodes it keeps (the rest uniform over the training rows; 0: "
                                           "uniform batches)", "algorithm", unit_interval="[]")
@@ -257,7 +263,8 @@ def problems(config):
                 out.append(f"--{f.name} must be in {interval[0]}0, 1{interval[1]}, got {value}")
         if meta["choices"] and value not in meta["choices"]:
             out.append(f"--{f.name} must be one of {', '.join(meta['choices'])}, got {value!r}")
-    for name in ("weight_temperature", "kl_beta", "filter_band", "eval_episodes", "image_shift", "keep_last"):
+    for name in ("weight_temperature", "kl_beta", "filter_band", "eval_episodes", "image_shift", "keep_last",
+                 "encoder_bc_rows"):
         if getattr(config, name) < 0:
             out.append(f"--{name} must be >= 0, got {getattr(config, name)}")
     if config.resume and config.load_model:
