@@ -221,6 +221,19 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path):
         algos.ObservationEncoder(16, 16, 32, pretrained_weights=str(bad))
 
 
+def test_a_checkpoint_written_before_a_setting_existed_loads_with_it_off(lapo, tmp_path):
+    lapo.save("model_1", str(tmp_path))
+    path = tmp_path / "model_1.pth"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["config"]["encoder_bc_rows"]
+    torch.save(ckpt, path)
+    assert algos.MultimodalLatent.from_checkpoint(str(path), device="cpu").config.encoder_bc_rows == 0
+    del ckpt["config"]["image_shift"]   # a setting older than the format: still refused by name
+    torch.save(ckpt, path)
+    with pytest.raises(algos.CheckpointError, match="image_shift"):
+        algos.MultimodalLatent.from_checkpoint(str(path), device="cpu")
+
+
 def test_a_checkpoint_of_another_format_is_refused_by_name(lapo, tmp_path):
     """No per-setting guesses for older checkpoints: one clear refusal naming the format."""
     lapo.train(2, 8)
