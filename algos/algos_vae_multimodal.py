@@ -364,16 +364,11 @@ def read_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
-# Settings added after checkpoint format 2, with the value a checkpoint written before them was
-# trained with (each was off until it existed): such a checkpoint lacks them and still loads.
-SETTINGS_ADDED_SINCE_FORMAT = {"encoder_bc_rows": 0}
-
-
 def config_from_checkpoint(settings, path):
     """The ``TrainConfig`` a checkpoint stores; settings this version does not know, or lacks,
     are refused by name (a checkpoint of another version, or a modified one), except those of
-    ``SETTINGS_ADDED_SINCE_FORMAT``, which take the value they had before they existed."""
-    settings = {**SETTINGS_ADDED_SINCE_FORMAT, **settings}
+    ``config_lib.SETTINGS_ADDED_SINCE_FORMAT``, which take the value they had before they existed."""
+    settings = {**config_lib.SETTINGS_ADDED_SINCE_FORMAT, **settings}
     known = set(config_lib.field_names())
     unknown, missing = sorted(set(settings) - known), sorted(known - set(settings))
     if unknown or missing:

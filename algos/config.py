@@ -203,6 +203,11 @@ TRAINED_GROUPS = ("data", "model", "algorithm")
 SEED_FIELDS = ("seed",)   # the split of episodes depends on it: fixed on resume as well
 
 
+# Settings added after checkpoint format 2, with the value a run made before them was trained
+# with (each was off until it existed): its checkpoints and params.json lack them.
+SETTINGS_ADDED_SINCE_FORMAT = {"encoder_bc_rows": 0}
+
+
 def field_names():
     return [f.name for f in fields(TrainConfig)]
 

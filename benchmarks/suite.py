@@ -370,7 +370,7 @@ def config_differences(folder, expected):
     settings, else what differs. The data file is compared by name, so --out may move."""
     try:
         with open(os.path.join(folder, "params.json")) as f:
-            found = json.load(f)["config"]
+            found = {**config_lib.SETTINGS_ADDED_SINCE_FORMAT, **json.load(f)["config"]}
     except (OSError, ValueError, KeyError):
         return ["no params.json"]
     if not os.path.exists(os.path.join(folder, "model_final.pth")):
