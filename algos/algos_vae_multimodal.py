@@ -30,9 +30,6 @@ data path.
 How the shared encoder is trained (the one place it is decided: ``_train_step``):
   * the critic loss and the CVAE loss reach the encoder; the latent actor sees detached
     features, so maximising Q cannot reshape the features the critic judges it by;
-  * with ``encoder_bc_rows``, behaviour cloning of every training episode (the batch and
-    rows drawn from all episodes, those the filter drops too) reaches it through a head
-    that never acts: the encoder then learns from every recorded scene;
   * there is no target encoder: next observations are encoded by the current encoder
     without gradient (as in DrQ-v2), the target heads give the targets their stability;
   * the heads' losses meet the encoder at one feature tensor, and a single backward pass
@@ -390,9 +387,12 @@ def read_checkpoint(path, map_location="cpu"):
 
 def config_from_checkpoint(settings, path):
     """The ``TrainConfig`` a checkpoint stores; settings this version does not know, or lacks,
-    are refused by name (a checkpoint of another version, or a modified one), except those of
-    ``config_lib.SETTINGS_ADDED_SINCE_FORMAT``, which take the value they had before they existed."""
-    settings = {**config_lib.SETTINGS_ADDED_SINCE_FORMAT, **settings}
+    are refused by name (a checkpoint of another version, or a modified one), except those
+    added or taken out since the format (``config_lib.settings_of_this_version``)."""
+    try:
+        settings = config_lib.settings_of_this_version(settings)
+    except ValueError as exc:
+        raise CheckpointError(path, str(exc)) from None
     known = set(config_lib.field_names())
     unknown, missing = sorted(set(settings) - known), sorted(known - set(settings))
     if unknown or missing:
@@ -777,12 +777,6 @@ class MultimodalLatent(MultimodalAgent):
         self.critic_optimizer = adam(self.critic.parameters(), c.critic_lr, dev)
         # only the policy acts through it: training encodes with the online encoder
         self.encoder_target = frozen_copy(self.encoder) if c.polyak_acting else None
-        # behaviour cloning of every episode, for the encoder only (``encoder_bc_rows``)
-        self.encoder_bc_head = self.encoder_bc_optimizer = None
-        if c.encoder_bc_rows > 0:
-            self.encoder_bc_head = mlp(f, a).to(dev)
-            self.encoder_bc_optimizer = adam(self.encoder_bc_head.parameters(), c.vae_lr, dev)
-            self.loss_names = self.loss_names + ("encoder_bc_loss",)
 
     def _modules(self):
         modules = {"encoder": self.encoder, "actor_vae": self.actor_vae, "actor_vae_target": self.actor_vae_target,
@@ -790,8 +784,6 @@ class MultimodalLatent(MultimodalAgent):
                    "critic": self.critic, "critic_target": self.critic_target}
         if self.config.polyak_acting:
             modules["encoder_target"] = self.encoder_target
-        if self.encoder_bc_head is not None:
-            modules["encoder_bc_head"] = self.encoder_bc_head
         return modules
 
     def _acting_modules(self):
@@ -802,8 +794,6 @@ class MultimodalLatent(MultimodalAgent):
     def _optimizers(self):
         optimizers = {"encoder": self.encoder_optimizer, "actor_vae": self.actor_vae_optimizer,
                       "actor": self.actor_optimizer, "critic": self.critic_optimizer}
-        if self.encoder_bc_head is not None:
-            optimizers["encoder_bc_head"] = self.encoder_bc_optimizer
         return optimizers
 
     def _policy_action(self, feature):
@@ -988,8 +978,6 @@ class MultimodalLatent(MultimodalAgent):
         feature = obs_feature.detach().requires_grad_()
         losses = self._update_heads(feature, next_obs_feature.float(), batch)
         self.encoder_optimizer.zero_grad(set_to_none=True)
-        if self.encoder_bc_head is not None:
-            losses["encoder_bc_loss"] = self._update_encoder_bc(feature, batch.action)
         obs_feature.backward(feature.grad)
         self.encoder_optimizer.step()
         if self.config.polyak_acting:
@@ -1046,22 +1034,6 @@ class MultimodalLatent(MultimodalAgent):
                 "v_mean": current_V.mean(), "advantage_mean": advantage.mean(),
                 "positive_advantage_frac": (advantage > 0).float().mean(),
                 "imitated_episode_frac": self._imitated_episode_frac()}
-
-    def _update_encoder_bc(self, feature, action):
-        """Behaviour cloning of every training episode, for the encoder: a head predicts the
-        recorded action from the features of the batch and of ``encoder_bc_rows`` rows drawn
-        uniformly from all training episodes (those the filter drops too). Its gradient
-        reaches the encoder directly through the extra rows and through ``feature.grad``
-        for the batch's own; the head itself never acts."""
-        extra = self.replay_buffer.sample(self.config.encoder_bc_rows, with_next=False)
-        extra_feature = self._encode_for_training(extra)
-        predicted = self.encoder_bc_head(torch.cat([feature, extra_feature]))
-        # summed over the action's dimensions, as the CVAE's reconstruction loss is
-        encoder_bc_loss = (predicted - torch.cat([action, extra.action])).pow(2).sum(1).mean()
-        self.encoder_bc_optimizer.zero_grad(set_to_none=True)
-        encoder_bc_loss.backward()
-        self.encoder_bc_optimizer.step()
-        return encoder_bc_loss
 
     def _imitated_episode_frac(self):
         """Share of the judged training episodes the CVAE imitates (1 without the filter)."""

@@ -113,12 +113,6 @@ class TrainConfig:
                                       "(its first judgement: its sign; 0: kept while judged above 0). Why: V fits "
                                       "each training episode's own return, so late judgements drift to 0 and a cut "
                                       "at 0 then keeps or drops episodes by chance", "algorithm")
-    encoder_bc_rows: int = setting(0, "rows a step drawn uniformly from every training episode, the ones the "
-                                      "episode filter drops included, on which an auxiliary head predicts the "
-                                      "recorded action; its loss trains the encoder (with the batch's own rows), "
-                                      "the head never acts. Why: the CVAE imitates the few kept episodes, and an "
-                                      "encoder fitted to them alone learns their scenes by heart, while every "
-                                      "operator, good or poor, acts on where things are. 0: off", "algorithm")
     kept_batch_frac: float = setting(1.0, "with the episode filter, the share of each batch drawn from the "
                                           "episodes it keeps (the rest uniform over the training rows; 0: "
                                           "uniform batches)", "algorithm", unit_interval="[]")
@@ -208,7 +202,23 @@ SEED_FIELDS = ("seed",)   # the split of episodes depends on it: fixed on resume
 
 # Settings added after checkpoint format 2, with the value a run made before them was trained
 # with (each was off until it existed): its checkpoints and params.json lack them.
-SETTINGS_ADDED_SINCE_FORMAT = {"encoder_bc_rows": 0, "image_coords": False}
+SETTINGS_ADDED_SINCE_FORMAT = {"image_coords": False}
+# Settings taken out after format 2 because their measurements lost, with their "off" value: a
+# run made with one off is a run of this version; one made with it on cannot be rebuilt.
+SETTINGS_REMOVED_SINCE_FORMAT = {"encoder_bc_rows": 0}
+
+
+def settings_of_this_version(stored):
+    """A stored run's settings (a checkpoint's or params.json's config) as this version names
+    them: settings added since the format take their earlier value, settings taken out are
+    dropped when they were off. ValueError naming a taken-out setting that was on."""
+    on = [f"{name}={stored[name]!r}" for name, off in SETTINGS_REMOVED_SINCE_FORMAT.items()
+          if name in stored and stored[name] != off]
+    if on:
+        raise ValueError(f"trained with {', '.join(on)}, a setting this version no longer has "
+                         f"(its measurements lost; see docs/experiments/)")
+    kept = {k: v for k, v in stored.items() if k not in SETTINGS_REMOVED_SINCE_FORMAT}
+    return {**SETTINGS_ADDED_SINCE_FORMAT, **kept}
 
 
 def field_names():
@@ -271,8 +281,7 @@ def problems(config):
                 out.append(f"--{f.name} must be in {interval[0]}0, 1{interval[1]}, got {value}")
         if meta["choices"] and value not in meta["choices"]:
             out.append(f"--{f.name} must be one of {', '.join(meta['choices'])}, got {value!r}")
-    for name in ("weight_temperature", "kl_beta", "filter_band", "eval_episodes", "image_shift", "keep_last",
-                 "encoder_bc_rows"):
+    for name in ("weight_temperature", "kl_beta", "filter_band", "eval_episodes", "image_shift", "keep_last"):
         if getattr(config, name) < 0:
             out.append(f"--{name} must be >= 0, got {getattr(config, name)}")
     if config.resume and config.load_model:

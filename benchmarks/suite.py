@@ -370,9 +370,13 @@ def config_differences(folder, expected):
     settings, else what differs. The data file is compared by name, so --out may move."""
     try:
         with open(os.path.join(folder, "params.json")) as f:
-            found = {**config_lib.SETTINGS_ADDED_SINCE_FORMAT, **json.load(f)["config"]}
+            stored = json.load(f)["config"]
     except (OSError, ValueError, KeyError):
         return ["no params.json"]
+    try:
+        found = config_lib.settings_of_this_version(stored)
+    except ValueError as exc:
+        return [str(exc)]
     if not os.path.exists(os.path.join(folder, "model_final.pth")):
         return ["not finished (no model_final.pth)"]
     diffs = []

@@ -120,39 +120,6 @@ def test_encoder_gets_gradient_from_critic_and_cvae_but_not_actor(lapo):
     torch.testing.assert_close(grads[0], grads[1])
 
 
-def test_encoder_bc_rows_train_the_encoder_on_the_episodes_the_filter_drops(tiny_dataset, tmp_path):
-    """--encoder_bc_rows: rows drawn from every training episode, dropped ones included, train
-    the encoder through an auxiliary head; the head is checkpointed but never acts."""
-    torch.manual_seed(0)
-    agent = algos.MultimodalLatent(replay_buffer=make_buffer(tiny_dataset), encoder_bc_rows=64, **SMALL)
-    assert "encoder_bc_loss" in agent.loss_names
-    agent.train(2, 8)
-    buffer = agent.replay_buffer
-    agent.episode_kept.zero_()
-    agent.episode_kept[buffer.train_episode_ids[0]] = True   # the filter keeps one episode
-    drawn = []
-    sample = buffer.sample
-    buffer.sample = lambda n, **kw: drawn.append(sample(n, **kw)) or drawn[-1]
-    agent.encoder_optimizer.zero_grad(set_to_none=True)
-    batch = agent._sample_batch(8)
-    leaf = torch.zeros(8, 32, requires_grad=True)   # the batch's own rows give no gradient here
-    agent._update_encoder_bc(leaf, batch.action)
-    assert set(drawn[-1].episode.tolist()) - set(buffer.train_episode_ids[:1].tolist())   # dropped episodes drawn
-    assert set(batch.episode.tolist()) <= set(buffer.train_episode_ids[:1].tolist())
-    assert sum(p.grad.abs().sum() for p in agent.encoder.parameters() if p.grad is not None) > 0
-    # acting never runs through the head
-    imgs, joint = raw_observation(np.random.default_rng(4), 3)
-    action = agent.select_action(*imgs, joint)
-    with torch.no_grad():
-        for p in agent.encoder_bc_head.parameters():
-            p.add_(1.0)
-    np.testing.assert_array_equal(action, agent.select_action(*imgs, joint))
-    agent.save("model_1", str(tmp_path))
-    loaded = algos.MultimodalLatent.from_checkpoint(str(tmp_path / "model_1.pth"), device="cpu")
-    for a, b in zip(agent.encoder_bc_head.parameters(), loaded.encoder_bc_head.parameters()):
-        torch.testing.assert_close(a, b)
-
-
 def test_save_load_in_a_new_process_gives_identical_actions(lapo, tmp_path):
     lapo.train(3, 8)
     lapo.save("model_best", str(tmp_path))
@@ -259,13 +226,27 @@ def test_a_checkpoint_written_before_a_setting_existed_loads_with_it_off(lapo, t
     lapo.save("model_1", str(tmp_path))
     path = tmp_path / "model_1.pth"
     ckpt = torch.load(path, weights_only=True)
-    del ckpt["config"]["encoder_bc_rows"], ckpt["config"]["image_coords"]
+    del ckpt["config"]["image_coords"]
     torch.save(ckpt, path)
-    config = algos.MultimodalLatent.from_checkpoint(str(path), device="cpu").config
-    assert config.encoder_bc_rows == 0 and not config.image_coords
+    assert not algos.MultimodalLatent.from_checkpoint(str(path), device="cpu").config.image_coords
     del ckpt["config"]["image_shift"]   # a setting older than the format: still refused by name
     torch.save(ckpt, path)
     with pytest.raises(algos.CheckpointError, match="image_shift"):
+        algos.MultimodalLatent.from_checkpoint(str(path), device="cpu")
+
+
+def test_a_checkpoint_of_a_setting_taken_out_loads_when_it_was_off_and_is_refused_by_name_when_on(lapo, tmp_path):
+    """Settings whose measurements lost are taken out; checkpoints written while they
+    existed still load when they were off, and say which setting it is when they were on."""
+    lapo.save("model_1", str(tmp_path))
+    path = tmp_path / "model_1.pth"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["encoder_bc_rows"] = 0
+    torch.save(ckpt, path)
+    assert algos.MultimodalLatent.from_checkpoint(str(path), device="cpu").config == lapo.config
+    ckpt["config"]["encoder_bc_rows"] = 32
+    torch.save(ckpt, path)
+    with pytest.raises(algos.CheckpointError, match="encoder_bc_rows=32"):
         algos.MultimodalLatent.from_checkpoint(str(path), device="cpu")
 
 
