@@ -127,26 +127,15 @@ def adam(parameters, lr, device):
     return torch.optim.Adam(parameters, lr=lr, fused=torch.device(device).type == "cuda")
 
 
-def resnet18_trunk(image_feature_dim, in_channels=3):
+def resnet18_trunk(image_feature_dim):
     """torchvision ResNet18 with GroupNorm and a head of ``image_feature_dim``.
 
     GroupNorm instead of BatchNorm: a sample's feature never depends on the rest of its
     batch, so training and inference behave alike, one observation gives the same action
     alone or inside a batch, and encoding next observations has no side effects.
-    ``in_channels`` > 3: the first convolution also reads the extra channels (``image_coords``).
     """
-    trunk = torchvision.models.resnet18(
+    return torchvision.models.resnet18(
         num_classes=image_feature_dim, norm_layer=lambda c: nn.GroupNorm(max(1, c // 16), c))
-    if in_channels != 3:
-        trunk.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    return trunk
-
-
-def pixel_coords(height, width, device):
-    """[1, 2, H, W]: each pixel's column and row position, in [-1, 1] (CoordConv's channels)."""
-    rows = torch.linspace(-1.0, 1.0, height, device=device).view(1, 1, height, 1).expand(1, 1, height, width)
-    cols = torch.linspace(-1.0, 1.0, width, device=device).view(1, 1, 1, width).expand(1, 1, height, width)
-    return torch.cat([cols, rows], 1)
 
 
 def load_pretrained_trunk(trunk, path):
@@ -166,11 +155,6 @@ def load_pretrained_trunk(trunk, path):
     state = {k: v for k, v in state.items()
              if not k.startswith("fc.") and not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
     own = trunk.state_dict()
-    extra_channels = own["conv1.weight"].shape[1] - 3
-    if extra_channels > 0 and torch.is_tensor(state.get("conv1.weight")) and state["conv1.weight"].shape[1] == 3:
-        # the coordinate channels start at zero weight: the pretrained filters see what they were trained on
-        rgb = state["conv1.weight"]
-        state["conv1.weight"] = torch.cat([rgb, rgb.new_zeros(rgb.shape[0], extra_channels, *rgb.shape[2:])], 1)
     wanted = [k for k in own if not k.startswith("fc.")]
     missing = [k for k in wanted if k not in state]
     wrong = [k for k in wanted if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -203,16 +187,12 @@ class ObservationEncoder(nn.Module):
     Each view has its own ResNet18 trunk -> ``image_feature_dim``; the joint vector
     goes through a small MLP; a fusion MLP maps the concatenation to
     ``obs_feature_dim``, ending in LayerNorm + tanh so the heads see bounded features.
-    With ``image_coords`` each trunk also reads every pixel's (x, y) position as two more
-    input channels (CoordConv, Liu et al., 2018): after the trunk's global pooling, where a
-    thing is in the image stays readable, which the policy needs to move the arms to it.
     """
 
     def __init__(self, joint_dim, image_feature_dim=128, obs_feature_dim=256, joint_feature_dim=64,
-                 pretrained_weights=None, image_coords=False):
+                 pretrained_weights=None):
         super().__init__()
-        self.image_coords = image_coords
-        self.trunks = nn.ModuleList(resnet18_trunk(image_feature_dim, 5 if image_coords else 3) for _ in IMAGE_KEYS)
+        self.trunks = nn.ModuleList(resnet18_trunk(image_feature_dim) for _ in IMAGE_KEYS)
         if pretrained_weights:
             for trunk in self.trunks:
                 load_pretrained_trunk(trunk, pretrained_weights)
@@ -229,14 +209,10 @@ class ObservationEncoder(nn.Module):
     def forward(self, images, joint):
         """images: uint8 [B, 3 views, H, W, 3]; joint: normalised float [B, J]."""
         feats = []
-        b, _, h, w, _ = images.shape
-        coords = pixel_coords(h, w, images.device).expand(b, 2, h, w) if self.image_coords else None
         for v, trunk in enumerate(self.trunks):
             # [B, H, W, 3] -> [B, 3, H, W] as a view: the memory stays channels_last
-            x = (images[:, v].permute(0, 3, 1, 2).float() - self.pixel_mean) * self.pixel_scale
-            if coords is not None:
-                x = torch.cat([x, coords.to(x.dtype)], 1)
-            feats.append(trunk(x))
+            x = images[:, v].permute(0, 3, 1, 2).float()
+            feats.append(trunk((x - self.pixel_mean) * self.pixel_scale))
         feats.append(self.joint_net(joint))
         return self.fusion(torch.cat(feats, 1))
 
@@ -449,8 +425,7 @@ class MultimodalAgent:
         obs_feature_dim, image_feature_dim = config.obs_feature_dim, config.image_feature_dim
 
         self.encoder = ObservationEncoder(self.joint_dim, image_feature_dim, obs_feature_dim,
-                                          pretrained_weights=config.pretrained_weights,
-                                          image_coords=config.image_coords).to(self.device)
+                                          pretrained_weights=config.pretrained_weights).to(self.device)
         if config.channels_last:
             self.encoder.trunks.to(memory_format=torch.channels_last)
         self.encoder_optimizer = adam(self.encoder.parameters(), config.encoder_lr, self.device)

@@ -54,9 +54,6 @@ class TrainConfig:
     pretrained_weights: Optional[str] = setting(None, "local torchvision ResNet18 ImageNet state dict for the "
                                                       "image trunks (default: random init)", "model",
                                                 metavar="PATH")
-    image_coords: bool = setting(False, "each image trunk also reads every pixel's (x, y) position as two more "
-                                        "input channels (CoordConv): after the trunk's global pooling, where a thing "
-                                        "is in the image stays readable, which moving the arms to it needs", "model")
     feature_dropout: float = setting(0.0, "dropout on the fused observation feature in training steps (the "
                                           "heads cannot rest on a few feature units; never when acting; 0: off; "
                                           "0.2 did not stop late declines on dev screens)", "model",
@@ -202,10 +199,10 @@ SEED_FIELDS = ("seed",)   # the split of episodes depends on it: fixed on resume
 
 # Settings added after checkpoint format 2, with the value a run made before them was trained
 # with (each was off until it existed): its checkpoints and params.json lack them.
-SETTINGS_ADDED_SINCE_FORMAT = {"image_coords": False}
+SETTINGS_ADDED_SINCE_FORMAT = {}
 # Settings taken out after format 2 because their measurements lost, with their "off" value: a
 # run made with one off is a run of this version; one made with it on cannot be rebuilt.
-SETTINGS_REMOVED_SINCE_FORMAT = {"encoder_bc_rows": 0}
+SETTINGS_REMOVED_SINCE_FORMAT = {"encoder_bc_rows": 0, "image_coords": False}
 
 
 def settings_of_this_version(stored):

@@ -188,51 +188,19 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path):
         algos.ObservationEncoder(16, 16, 32, pretrained_weights=str(bad))
 
 
-def test_image_coords_feed_pixel_positions_to_the_trunks_and_round_trip(tiny_dataset, tmp_path):
-    """--image_coords: each trunk reads two position channels (x, y in [-1, 1]) beside the
-    colours, and what it encodes depends on them; pretrained RGB filters load with zero
-    weight on them; a checkpoint acts as the agent that wrote it."""
-    import torchvision
-    torch.manual_seed(0)
-    coords = algos.pixel_coords(4, 6, "cpu")
-    assert coords.shape == (1, 2, 4, 6)
-    assert coords[0, 0, 0].tolist() == pytest.approx(np.linspace(-1, 1, 6).tolist())   # x along a row
-    assert coords[0, 1, :, 0].tolist() == pytest.approx(np.linspace(-1, 1, 4).tolist())  # y down a column
-    encoder = algos.ObservationEncoder(16, 16, 32, image_coords=True).eval()
-    assert encoder.trunks[0].conv1.in_channels == 5
-    images = torch.randint(0, 256, (2, 3, 32, 32, 3), dtype=torch.uint8)
-    with torch.no_grad():
-        before = encoder(images, torch.zeros(2, 16))
-        for trunk in encoder.trunks:
-            trunk.conv1.weight[:, 3:] = 0   # blind to the positions
-        assert (encoder(images, torch.zeros(2, 16)) - before).abs().max() > 1e-4
-    reference = torchvision.models.resnet18()
-    path = tmp_path / "resnet18_imagenet.pth"
-    torch.save(reference.state_dict(), path)
-    pretrained = algos.ObservationEncoder(16, 16, 32, pretrained_weights=str(path), image_coords=True)
-    assert torch.equal(pretrained.trunks[0].conv1.weight[:, :3], reference.conv1.weight)
-    assert not pretrained.trunks[0].conv1.weight[:, 3:].any()
-
-    agent = algos.MultimodalLatent(replay_buffer=make_buffer(tiny_dataset), image_coords=True, **SMALL)
-    agent.train(2, 8)
-    agent.save("model_1", str(tmp_path))
-    loaded = algos.MultimodalLatent.from_checkpoint(str(tmp_path / "model_1.pth"), device="cpu")
-    assert loaded.config.image_coords
-    imgs, joint = raw_observation(np.random.default_rng(5), 3)
-    np.testing.assert_array_equal(agent.select_action(*imgs, joint), loaded.select_action(*imgs, joint))
-
-
-def test_a_checkpoint_written_before_a_setting_existed_loads_with_it_off(lapo, tmp_path):
+def test_a_checkpoint_written_before_a_setting_existed_loads_with_its_earlier_value(lapo, tmp_path, monkeypatch):
+    """A setting added after the checkpoint format takes, in an older checkpoint that lacks
+    it, the value it had before it existed; a setting older than the format that is missing
+    is refused by name."""
     lapo.save("model_1", str(tmp_path))
     path = tmp_path / "model_1.pth"
     ckpt = torch.load(path, weights_only=True)
-    del ckpt["config"]["image_coords"]
-    torch.save(ckpt, path)
-    assert not algos.MultimodalLatent.from_checkpoint(str(path), device="cpu").config.image_coords
-    del ckpt["config"]["image_shift"]   # a setting older than the format: still refused by name
+    del ckpt["config"]["image_shift"]
     torch.save(ckpt, path)
     with pytest.raises(algos.CheckpointError, match="image_shift"):
         algos.MultimodalLatent.from_checkpoint(str(path), device="cpu")
+    monkeypatch.setattr(algos.config_lib, "SETTINGS_ADDED_SINCE_FORMAT", {"image_shift": 0})
+    assert algos.MultimodalLatent.from_checkpoint(str(path), device="cpu").config.image_shift == 0
 
 
 def test_a_checkpoint_of_a_setting_taken_out_loads_when_it_was_off_and_is_refused_by_name_when_on(lapo, tmp_path):
