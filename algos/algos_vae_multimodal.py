@@ -138,44 +138,6 @@ def resnet18_trunk(image_feature_dim):
         num_classes=image_feature_dim, norm_layer=lambda c: nn.GroupNorm(max(1, c // 16), c))
 
 
-class SpatialSoftmax(nn.Module):
-    """Feature map [B, C, H, W] -> [B, 2K]: the expected (x, y) in [-1, 1] of K learned maps.
-
-    The keypoint layer of Levine et al. (2016), robomimic's default visual head: a 1x1
-    convolution scores each position for each keypoint, a softmax over the positions (with a
-    learned temperature) turns the scores into a distribution, and its mean is a position
-    that moves continuously with the thing it tracks, even between pixels.
-    """
-
-    def __init__(self, channels, keypoints):
-        super().__init__()
-        self.score = nn.Conv2d(channels, keypoints, kernel_size=1)
-        self.log_temperature = nn.Parameter(torch.zeros(()))
-
-    def forward(self, fmap):
-        b, _, h, w = fmap.shape
-        logits = self.score(fmap).flatten(2).float() / self.log_temperature.exp()   # [B, K, H*W]
-        attention = torch.softmax(logits, dim=-1)
-        coords = pixel_coords(h, w, fmap.device).flatten(2)                          # [1, 2, H*W]
-        return torch.einsum("bkn,cn->bkc", attention, coords[0]).flatten(1)          # [B, 2K]: x, y per keypoint
-
-
-def pixel_coords(height, width, device):
-    """[1, 2, H, W]: each position's column and row, in [-1, 1]."""
-    rows = torch.linspace(-1.0, 1.0, height, device=device).view(1, 1, height, 1).expand(1, 1, height, width)
-    cols = torch.linspace(-1.0, 1.0, width, device=device).view(1, 1, 1, width).expand(1, 1, height, width)
-    return torch.cat([cols, rows], 1)
-
-
-def trunk_forward(trunk, x, keypoints=None):
-    """A ResNet18 trunk's feature, and with ``keypoints`` (a SpatialSoftmax) the keypoints of
-    its first stage's map (stride 4: 8 x 8 at 32 x 32), concatenated after it."""
-    x = trunk.layer1(trunk.maxpool(trunk.relu(trunk.bn1(trunk.conv1(x)))))
-    where = keypoints(x) if keypoints is not None else None
-    x = trunk.fc(torch.flatten(trunk.avgpool(trunk.layer4(trunk.layer3(trunk.layer2(x)))), 1))
-    return x if where is None else torch.cat([x, where.to(x.dtype)], 1)
-
-
 def load_pretrained_trunk(trunk, path):
     """Load a local ImageNet ResNet18 state dict (torchvision layout) into a trunk.
 
@@ -225,19 +187,12 @@ class ObservationEncoder(nn.Module):
     Each view has its own ResNet18 trunk -> ``image_feature_dim``; the joint vector
     goes through a small MLP; a fusion MLP maps the concatenation to
     ``obs_feature_dim``, ending in LayerNorm + tanh so the heads see bounded features.
-    With ``image_keypoints`` K > 0 each trunk also reports where K learned things are in
-    its view (a SpatialSoftmax on its first stage): the global pooling at the end of a
-    ResNet keeps what is in a view but only weakly where, and moving the arms to a box
-    needs where.
     """
 
     def __init__(self, joint_dim, image_feature_dim=128, obs_feature_dim=256, joint_feature_dim=64,
-                 pretrained_weights=None, image_keypoints=0):
+                 pretrained_weights=None):
         super().__init__()
         self.trunks = nn.ModuleList(resnet18_trunk(image_feature_dim) for _ in IMAGE_KEYS)
-        self.keypoints = nn.ModuleList(SpatialSoftmax(64, image_keypoints) for _ in IMAGE_KEYS) \
-            if image_keypoints else None
-        image_feature_dim += 2 * image_keypoints
         if pretrained_weights:
             for trunk in self.trunks:
                 load_pretrained_trunk(trunk, pretrained_weights)
@@ -257,8 +212,7 @@ class ObservationEncoder(nn.Module):
         for v, trunk in enumerate(self.trunks):
             # [B, H, W, 3] -> [B, 3, H, W] as a view: the memory stays channels_last
             x = images[:, v].permute(0, 3, 1, 2).float()
-            feats.append(trunk_forward(trunk, (x - self.pixel_mean) * self.pixel_scale,
-                                       self.keypoints[v] if self.keypoints is not None else None))
+            feats.append(trunk((x - self.pixel_mean) * self.pixel_scale))
         feats.append(self.joint_net(joint))
         return self.fusion(torch.cat(feats, 1))
 
@@ -471,8 +425,7 @@ class MultimodalAgent:
         obs_feature_dim, image_feature_dim = config.obs_feature_dim, config.image_feature_dim
 
         self.encoder = ObservationEncoder(self.joint_dim, image_feature_dim, obs_feature_dim,
-                                          pretrained_weights=config.pretrained_weights,
-                                          image_keypoints=config.image_keypoints).to(self.device)
+                                          pretrained_weights=config.pretrained_weights).to(self.device)
         if config.channels_last:
             self.encoder.trunks.to(memory_format=torch.channels_last)
         self.encoder_optimizer = adam(self.encoder.parameters(), config.encoder_lr, self.device)

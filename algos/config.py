@@ -54,10 +54,6 @@ class TrainConfig:
     pretrained_weights: Optional[str] = setting(None, "local torchvision ResNet18 ImageNet state dict for the "
                                                       "image trunks (default: random init)", "model",
                                                 metavar="PATH")
-    image_keypoints: int = setting(0, "each image trunk also reports the (x, y) of this many learned keypoints "
-                                      "of its first stage's map (spatial softmax): global pooling keeps what is "
-                                      "in a view but only weakly where, and reaching needs where; 0: off",
-                                   "model")
     feature_dropout: float = setting(0.0, "dropout on the fused observation feature in training steps (the "
                                           "heads cannot rest on a few feature units; never when acting; 0: off; "
                                           "0.2 did not stop late declines on dev screens)", "model",
@@ -203,7 +199,7 @@ SEED_FIELDS = ("seed",)   # the split of episodes depends on it: fixed on resume
 
 # Settings added after checkpoint format 2, with the value a run made before them was trained
 # with (each was off until it existed): its checkpoints and params.json lack them.
-SETTINGS_ADDED_SINCE_FORMAT = {"image_keypoints": 0}
+SETTINGS_ADDED_SINCE_FORMAT = {}
 # Settings taken out after format 2 because their measurements lost, with their "off" value: a
 # run made with one off is a run of this version; one made with it on cannot be rebuilt.
 SETTINGS_REMOVED_SINCE_FORMAT = {"encoder_bc_rows": 0, "image_coords": False}
@@ -282,8 +278,7 @@ def problems(config):
                 out.append(f"--{f.name} must be in {interval[0]}0, 1{interval[1]}, got {value}")
         if meta["choices"] and value not in meta["choices"]:
             out.append(f"--{f.name} must be one of {', '.join(meta['choices'])}, got {value!r}")
-    for name in ("weight_temperature", "kl_beta", "filter_band", "eval_episodes", "image_shift", "image_keypoints",
-                 "keep_last"):
+    for name in ("weight_temperature", "kl_beta", "filter_band", "eval_episodes", "image_shift", "keep_last"):
         if getattr(config, name) < 0:
             out.append(f"--{name} must be >= 0, got {getattr(config, name)}")
     if config.resume and config.load_model:

@@ -188,41 +188,6 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path):
         algos.ObservationEncoder(16, 16, 32, pretrained_weights=str(bad))
 
 
-def test_image_keypoints_report_where_things_are_and_round_trip(tiny_dataset, tmp_path):
-    """--image_keypoints: a spatial-softmax keypoint is the position of the thing its map
-    scores highest, moves with it between pixels, and reaches the fused feature; a
-    checkpoint acts as the agent that wrote it."""
-    torch.manual_seed(0)
-    keypoints = algos.SpatialSoftmax(2, 1)
-    with torch.no_grad():
-        keypoints.score.weight.zero_()
-        keypoints.score.weight[0, 1] = 1.0          # scores channel 1 only
-        keypoints.score.bias.zero_()
-        keypoints.log_temperature.fill_(np.log(0.05))
-    fmap = torch.zeros(2, 2, 5, 9)
-    fmap[0, 1, 1, 6] = 10.0                         # row 1 of 5, column 6 of 9
-    fmap[1, 1, 3, 2] = fmap[1, 1, 3, 3] = 10.0      # halfway between two columns
-    x, y = np.linspace(-1, 1, 9), np.linspace(-1, 1, 5)
-    assert keypoints(fmap)[0].tolist() == pytest.approx([x[6], y[1]], abs=1e-3)
-    assert keypoints(fmap)[1].tolist() == pytest.approx([(x[2] + x[3]) / 2, y[3]], abs=1e-3)
-
-    encoder = algos.ObservationEncoder(16, 16, 32, image_keypoints=4).eval()
-    assert encoder.fusion[0][0].in_features == 3 * (16 + 2 * 4) + 64
-    images = torch.randint(0, 256, (2, 3, 32, 32, 3), dtype=torch.uint8)
-    with torch.no_grad():
-        before = encoder(images, torch.zeros(2, 16))
-        encoder.keypoints[0].log_temperature.fill_(-5.0)   # sharper maps: the keypoints move
-        assert (encoder(images, torch.zeros(2, 16)) - before).abs().max() > 1e-4
-
-    agent = algos.MultimodalLatent(replay_buffer=make_buffer(tiny_dataset), image_keypoints=4, **SMALL)
-    agent.train(2, 8)
-    agent.save("model_1", str(tmp_path))
-    loaded = algos.MultimodalLatent.from_checkpoint(str(tmp_path / "model_1.pth"), device="cpu")
-    assert loaded.config.image_keypoints == 4
-    imgs, joint = raw_observation(np.random.default_rng(5), 3)
-    np.testing.assert_array_equal(agent.select_action(*imgs, joint), loaded.select_action(*imgs, joint))
-
-
 def test_a_checkpoint_written_before_a_setting_existed_loads_with_its_earlier_value(lapo, tmp_path, monkeypatch):
     """A setting added after the checkpoint format takes, in an older checkpoint that lacks
     it, the value it had before it existed; a setting older than the format that is missing
