@@ -24,7 +24,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import main_multimodal  # noqa: E402
 from algos import algos_vae_multimodal as algos  # noqa: E402
-from algos import config as config_lib  # noqa: E402
 from algos import hdf5_format  # noqa: E402
 from algos import utils_multimodal as utils  # noqa: E402
 
@@ -62,11 +61,9 @@ def main():
 
     algos.MultimodalLatent._judge = oracle_judge
     algos.MultimodalBC._sample_batch = oracle_batch
-    # the run's train/test split of episodes, as main_multimodal.py will draw it
-    split = argparse.ArgumentParser(add_help=False)
-    split.add_argument("--seed", type=int, default=config_lib.TrainConfig.seed)
-    split.add_argument("--train_test_split", type=float, default=config_lib.TrainConfig.train_test_split)
-    split_args, _ = split.parse_known_args(theirs)
+    # the run's train/test split of episodes, drawn from main_multimodal.py's own flags (its
+    # --help left for the run itself, which prints it after this line)
+    split_args, _ = main_multimodal.build_parser().parse_known_args([a for a in theirs if a not in ("-h", "--help")])
     train_ids, _ = utils.split_episodes(len(good), split_args.train_test_split, split_args.seed)
     print(f"oracle filter: keeping {int(good.sum())} of {len(good)} episodes ({', '.join(args.keep)}); "
           f"{int(good[torch.as_tensor(train_ids)].sum())} of the {len(train_ids)} training episodes of seed "
