@@ -36,7 +36,7 @@ def setting(default, help, group, choices=None, flag=True, positive=False, unit_
 class TrainConfig:
     # ---- data: what is trained on
     hdf5_path: Optional[str] = setting(None, "dataset file (default: the built-in sample, recorded if absent)", "data")
-    train_test_split: float = setting(0.9, "share of whole episodes used for training; the rest is held out "
+    train_test_split: float = setting(0.8, "share of whole episodes used for training; the rest is held out "
                                       "(the held-out episodes are what model_best's offline criterion is computed on)",
                                       "data", unit_interval="()")
     n_step: int = setting(100, "rewards summed along the recorded episode before bootstrapping, in the critic "
