@@ -127,15 +127,43 @@ def adam(parameters, lr, device):
     return torch.optim.Adam(parameters, lr=lr, fused=torch.device(device).type == "cuda")
 
 
-def resnet18_trunk(image_feature_dim):
+class OnePixelConv2d(nn.Conv2d):
+    """``nn.Conv2d`` that computes a convolution whose output is one pixel and whose input
+    lies inside one kernel window as the dense layer it is: the kernel cropped to the taps
+    the input meets, applied with ``F.linear``. Same function, same parameters and state
+    dict keys. Why: with 32x32 images ResNet18's last stage works on 1x1 maps (16x16: the
+    last two stages), and there the CPU backward of a padded 3x3 convolution took 25x its
+    forward (oneDNN, AVX2); a trunk's forward+backward at 16x16 took a quarter of the time,
+    at 32x32 about half (``benchmarks/bench_train.py`` prints the ratio). Larger images
+    never meet this case and run the stock convolution."""
+
+    def _conv_forward(self, x, weight, bias):
+        h, w = x.shape[-2:]
+        (kh, kw), (ph, pw), (sh, sw) = self.kernel_size, self.padding, self.stride
+        one_window = (h + ph <= kh and w + pw <= kw and h + 2 * ph - kh < sh and w + 2 * pw - kw < sw
+                      and self.groups == 1 and self.dilation == (1, 1) and self.padding_mode == "zeros")
+        if not one_window:
+            return super()._conv_forward(x, weight, bias)
+        taps = weight[:, :, ph:ph + h, pw:pw + w]
+        return F.linear(x.flatten(1), taps.flatten(1), bias)[:, :, None, None]
+
+
+def resnet18_trunk(image_feature_dim, one_pixel_convs=True):
     """torchvision ResNet18 with GroupNorm and a head of ``image_feature_dim``.
 
     GroupNorm instead of BatchNorm: a sample's feature never depends on the rest of its
     batch, so training and inference behave alike, one observation gives the same action
     alone or inside a batch, and encoding next observations has no side effects.
+    ``one_pixel_convs``: its convolutions are ``OnePixelConv2d`` (the same network, faster
+    on small images); False keeps torchvision's, for the benchmark that compares them.
     """
-    return torchvision.models.resnet18(
+    trunk = torchvision.models.resnet18(
         num_classes=image_feature_dim, norm_layer=lambda c: nn.GroupNorm(max(1, c // 16), c))
+    if one_pixel_convs:
+        for module in trunk.modules():
+            if type(module) is nn.Conv2d:
+                module.__class__ = OnePixelConv2d   # parameters untouched: only the forward differs
+    return trunk
 
 
 def load_pretrained_trunk(trunk, path):

@@ -8,7 +8,9 @@ three ResNet18 trunks on a batch of observations, one forward without gradients 
 of next observations, and an Adam step. The real step is ``MultimodalLatent.train`` on the
 same batch size and image size (sampling, uint8->float, all heads, optimisers, target
 updates included). Floor and real step alternate, so machine noise hits both alike. The
-last line is ``step/floor ratio: X.XX``.
+same floor with torchvision's own convolutions runs in the same loop: how much
+``OnePixelConv2d`` saves at this image size (nothing from 64x64 up). The last line is
+``step/floor ratio: X.XX``.
 """
 import argparse
 import multiprocessing
@@ -46,12 +48,15 @@ def sync(device):
 
 
 class Floor:
-    """Three trunks exactly as the encoder builds them, fed float images already on the device."""
+    """Three trunks exactly as the encoder builds them, fed float images already on the device
+    (``one_pixel_convs=False``: with torchvision's own convolutions instead, see
+    ``algos.OnePixelConv2d``)."""
 
-    def __init__(self, agent, batch_size, image_size):
+    def __init__(self, agent, batch_size, image_size, one_pixel_convs=True):
         device = agent.device
         self.device, self.amp = device, agent.amp
-        self.trunks = torch.nn.ModuleList(algos.resnet18_trunk(agent.config.image_feature_dim) for _ in range(3))
+        self.trunks = torch.nn.ModuleList(algos.resnet18_trunk(agent.config.image_feature_dim, one_pixel_convs)
+                                          for _ in range(3))
         self.trunks.to(device).to(memory_format=torch.channels_last)
         self.optimizer = algos.adam(self.trunks.parameters(), 1e-4, device)
         shape = (batch_size, 3, image_size, image_size)
@@ -148,6 +153,7 @@ def main(argv=None):
     del dataset
     agent = algos.MultimodalLatent(replay_buffer=buffer, device=device, amp=args.amp, compile=args.compile)
     floor = Floor(agent, args.batch_size, args.image_size)
+    stock_floor = Floor(agent, args.batch_size, args.image_size, one_pixel_convs=False)
 
     # sampler alone: obs and next obs, all three views, on the device, no model
     for _ in range(5):
@@ -160,17 +166,20 @@ def main(argv=None):
     sampler_rate = args.sampler_batches * args.batch_size / (time.perf_counter() - t)
     del batch
 
-    floor_times, step_times = [], []
+    floor_times, step_times, stock_times = [], [], []
     for i in range(args.steps + 2):
         f = timed(floor.step, device)
         s = timed(lambda: agent.train(1, args.batch_size), device)
+        o = timed(stock_floor.step, device)
         if i >= 2:
             floor_times.append(f)
             step_times.append(s)
-        print(f"  pair {i + 1}/{args.steps + 2}: floor {f * 1e3:8.1f} ms   step {s * 1e3:8.1f} ms"
-              + ("   (warm-up)" if i < 2 else ""), flush=True)
+            stock_times.append(o)
+        print(f"  pair {i + 1}/{args.steps + 2}: floor {f * 1e3:8.1f} ms   step {s * 1e3:8.1f} ms   "
+              f"(floor, torchvision's convolutions {o * 1e3:8.1f} ms)" + ("   (warm-up)" if i < 2 else ""), flush=True)
     floor_ms = statistics.median(floor_times) * 1e3
     step_ms = statistics.median(step_times) * 1e3
+    stock_ms = statistics.median(stock_times) * 1e3
     peak, kind = peak_memory_gb(device)
     data_gb = buffer.nbytes_images / 2 ** 30
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
@@ -179,6 +188,8 @@ def main(argv=None):
           f"amp {'bf16' if agent.amp else 'off'}   rows {args.n_rows}")
     print(f"floor (3x ResNet18 fwd+bwd, next-obs fwd, Adam): {floor_ms:.1f} ms   (median of {args.steps})")
     print(f"real MultimodalLatent.train step:                {step_ms:.1f} ms")
+    print(f"floor with torchvision's own convolutions:        {stock_ms:.1f} ms   "
+          f"(one-pixel convolutions: {stock_ms / floor_ms:.2f}x faster)")
     print(f"training throughput:                             {args.batch_size / step_ms * 1e3:.0f} samples/s")
     print(f"sampler alone (obs + next obs, 3 views):         {sampler_rate:,.0f} samples/s")
     print(f"dataset uint8 size:                              {data_gb:.3f} GB")

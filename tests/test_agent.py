@@ -188,6 +188,27 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path):
         algos.ObservationEncoder(16, 16, 32, pretrained_weights=str(bad))
 
 
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_trunk_computes_torchvisions_resnet18_with_the_same_state_dict(size):
+    """The trunk's one-pixel convolutions (the last stages at small images) are the same
+    function as torchvision's: same state dict keys, outputs and gradients, so checkpoints and
+    pretrained weights load either way and nothing a run learns depends on the shortcut."""
+    torch.manual_seed(0)
+    ours = algos.resnet18_trunk(16).to(memory_format=torch.channels_last)
+    stock = algos.resnet18_trunk(16, one_pixel_convs=False).to(memory_format=torch.channels_last)
+    assert list(ours.state_dict()) == list(stock.state_dict())
+    stock.load_state_dict(ours.state_dict())
+    assert any(isinstance(m, algos.OnePixelConv2d) for m in ours.modules())
+    assert not any(isinstance(m, algos.OnePixelConv2d) for m in stock.modules())
+    x = torch.randn(4, 3, size, size).contiguous(memory_format=torch.channels_last)
+    out_ours, out_stock = ours(x), stock(x)
+    torch.testing.assert_close(out_ours, out_stock, rtol=1e-5, atol=1e-5)
+    grads_ours = torch.autograd.grad(out_ours.pow(2).sum(), list(ours.parameters()))
+    grads_stock = torch.autograd.grad(out_stock.pow(2).sum(), list(stock.parameters()))
+    for g_ours, g_stock in zip(grads_ours, grads_stock):   # equal up to float rounding, at each tensor's scale
+        torch.testing.assert_close(g_ours, g_stock, rtol=1e-4, atol=1e-4 * g_stock.abs().max().item())
+
+
 def test_a_checkpoint_written_before_a_setting_existed_loads_with_its_earlier_value(lapo, tmp_path, monkeypatch):
     """A setting added after the checkpoint format takes, in an older checkpoint that lacks
     it, the value it had before it existed; a setting older than the format that is missing
