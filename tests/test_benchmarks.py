@@ -117,6 +117,7 @@ def test_bench_train_prints_its_figures_on_a_tiny_setting(capsys):
                       "--n_rows", "300", "--sampler_batches", "5"])
     out = capsys.readouterr().out
     assert "training throughput:" in out and out.strip().splitlines()[-1].startswith("step/floor ratio:")
+    assert "floor with torchvision's own convolutions:" in out
 
 
 def test_bench_data_prints_its_figures_on_a_tiny_setting(tmp_path, capsys):
