@@ -138,9 +138,11 @@ class OnePixelConv2d(nn.Conv2d):
     never meet this case and run the stock convolution."""
 
     def _conv_forward(self, x, weight, bias):
+        if isinstance(self.padding, str):   # "same" / "valid": not a case ResNet18 has
+            return super()._conv_forward(x, weight, bias)
         h, w = x.shape[-2:]
         (kh, kw), (ph, pw), (sh, sw) = self.kernel_size, self.padding, self.stride
-        one_window = (h + ph <= kh and w + pw <= kw and h + 2 * ph - kh < sh and w + 2 * pw - kw < sw
+        one_window = (h + ph <= kh and w + pw <= kw and 0 <= h + 2 * ph - kh < sh and 0 <= w + 2 * pw - kw < sw
                       and self.groups == 1 and self.dilation == (1, 1) and self.padding_mode == "zeros")
         if not one_window:
             return super()._conv_forward(x, weight, bias)
