@@ -132,7 +132,7 @@ class OnePixelConv2d(nn.Conv2d):
     lies inside one kernel window as the dense layer it is: the kernel cropped to the taps
     the input meets, applied with ``F.linear``. Same function, same parameters and state
     dict keys. Why: with 32x32 images ResNet18's last stage works on 1x1 maps (16x16: the
-    last two stages), and there the CPU backward of a padded 3x3 convolution took 25x its
+    last two stages), and there the CPU backward of a padded 3x3 convolution took many times its
     forward (oneDNN, AVX2); a trunk's forward+backward at 16x16 took a quarter of the time,
     at 32x32 about half (``benchmarks/bench_train.py`` prints the ratio). Larger images
     never meet this case and run the stock convolution."""

@@ -193,7 +193,7 @@ def main(argv=None):
     print(f"training throughput:                             {args.batch_size / step_ms * 1e3:.0f} samples/s")
     print(f"sampler alone (obs + next obs, 3 views):         {sampler_rate:,.0f} samples/s")
     print(f"dataset uint8 size:                              {data_gb:.3f} GB")
-    print(f"{kind} (this benchmark, floor included):    {peak:.3f} GB")
+    print(f"{kind} (this benchmark, both floors included): {peak:.3f} GB")
     if device.type == "cpu":
         # a training process alone, at two dataset sizes: the overhead must not grow with the data
         for rows in (args.n_rows, 2 * args.n_rows):
