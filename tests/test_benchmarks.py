@@ -12,6 +12,7 @@ from conftest import ENV, ROOT, run_cli
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import suite  # noqa: E402
+from algos import simulator  # noqa: E402
 
 
 def test_spearman_matches_a_hand_computed_example_with_ties():
@@ -143,3 +144,12 @@ def test_offline_criteria_ranks_the_recorded_metrics_of_a_run(tmp_path, capsys):
     rows = {line.split(" | ")[1]: line for line in capsys.readouterr().out.splitlines() if "Exp1" in line}
     assert "+1.00" in rows["test_kept_action_mse"] and "1000: 0.90 | 1000: 0.90" in rows["test_kept_action_mse"]
     assert "-1.00" in rows["test_action_mse"] and "500: 0.20 | 1000: 0.90" in rows["test_action_mse"]
+
+
+def test_suite_screen_runs_the_dev_reach_variants_and_full_runs_every_dev_variant():
+    parse = suite.build_parser().parse_args
+    assert suite.selected_variants(parse(["--preset", "screen"])) == list(suite.SCREEN_DEV_VARIANTS)
+    assert set(suite.SCREEN_DEV_VARIANTS) < set(simulator.variant_names("dev"))
+    assert suite.selected_variants(parse([])) == simulator.variant_names("dev")
+    assert suite.selected_variants(parse(["--preset", "screen", "--split", "test"])) == simulator.variant_names("test")
+    assert suite.selected_variants(parse(["--preset", "screen", "--variants", "carry_dense"])) == ["carry_dense"]
