@@ -370,13 +370,6 @@ def test_episode_filter_drops_episodes_that_fall_short_and_lifts_the_rest(tiny_d
                                    device="cpu", weight_temperature=0.1)
     weight = agent._advantage_weight(advantage, episode_advantage).squeeze(1).tolist()
     assert weight == pytest.approx([w * k for w, k in zip(lifted, kept)])
-    # --no_episode_credit: a kept row weighs by its own advantage, however well its episode did
-    own = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16,
-                                 device="cpu", weight_temperature=0.1, no_episode_credit=True)
-    plain = [float(np.exp(0.5)), float(np.exp(0.5)), float(np.exp(-3.0)), float(np.exp(2.0)), float(np.exp(-20.0)),
-             float(np.exp(1.0))]
-    weight = own._advantage_weight(advantage, episode_advantage).squeeze(1).tolist()
-    assert weight == pytest.approx([w * k for w, k in zip(plain, kept)])
 
 
 def test_every_training_episode_is_judged_at_its_first_row(tiny_dataset):
