@@ -872,9 +872,8 @@ class MultimodalLatent(MultimodalAgent):
         if self.config.original_lapo:
             return torch.where(advantage > 0, self.config.expectile, 1 - self.config.expectile)
         if episode_advantage is not None:
-            if not self.config.no_episode_credit:
-                judged = ~torch.isnan(episode_advantage)
-                advantage = torch.where(judged, torch.maximum(advantage, episode_advantage), advantage)
+            judged = ~torch.isnan(episode_advantage)
+            advantage = torch.where(judged, torch.maximum(advantage, episode_advantage), advantage)
             weight = torch.exp(advantage / self.config.weight_temperature).clamp(max=MAX_ADVANTAGE_WEIGHT)
             return weight * (self._kept(episode_advantage) if kept is None else kept)
         return torch.exp(advantage / self.config.weight_temperature).clamp(max=MAX_ADVANTAGE_WEIGHT)

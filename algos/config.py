@@ -105,9 +105,6 @@ class TrainConfig:
                                     "get 1 - this)", "algorithm", unit_interval="()")
     no_noise: bool = setting(False, "with --original_lapo: no clipped noise on the target latent action",
                              "algorithm")
-    no_episode_credit: bool = setting(False, "each row of a kept episode weighs exp(A / T) by its own advantage "
-                                             "alone (default: exp(max(A, A_episode) / T), every row at least its "
-                                             "episode's judgement)", "algorithm")
     filter_band: float = setting(0.1, "a judgement within this distance of 0 leaves an episode kept or dropped as "
                                       "it was, in units of the largest one-step reward: the episode filter drops an "
                                       "episode judged below -band and takes it back only when judged above +band "
@@ -203,7 +200,7 @@ SEED_FIELDS = ("seed",)   # the split of episodes depends on it: fixed on resume
 
 # Settings added after checkpoint format 2, with the value a run made before them was trained
 # with (each was off until it existed): its checkpoints and params.json lack them.
-SETTINGS_ADDED_SINCE_FORMAT = {"no_episode_credit": False}
+SETTINGS_ADDED_SINCE_FORMAT = {}
 # Settings taken out after format 2 because their measurements lost, with their "off" value: a
 # run made with one off is a run of this version; one made with it on cannot be rebuilt.
 SETTINGS_REMOVED_SINCE_FORMAT = {"encoder_bc_rows": 0, "image_coords": False}
