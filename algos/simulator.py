@@ -776,7 +776,7 @@ VARIANTS = {
     "reach_hesitant": {
         "simulator": "dual_arm_reach", "config": {"reward": "dense", "max_steps": 50},
         "mix": {"expert": 0.25, "wrong": 0.2, "hesitant": 0.35, "noisy": 0.2}, "split": "dev",
-        "description": "more hesitant episodes than expert ones: the right box, slowly, often in time"},
+        "description": "more hesitant episodes than expert ones: the right box, slowly; a third of them in time"},
     "carry_dense": {
         "simulator": "dual_arm_carry", "config": {"reward": "dense", "max_steps": 80},
         "mix": {"expert": 0.35, "wrong": 0.3, "hesitant": 0.15, "noisy": 0.2}, "split": "dev",

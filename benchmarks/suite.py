@@ -92,9 +92,9 @@ PRESETS = {
     "full": {"image_size": 32, "n_samples": 20000, "max_timesteps": 3000, "score_every": 500, "eval_episodes": 100,
              "jobs": 2},
 }
-# The screen's dev split leaves out carry_dense: imitating its expert alone scores below the
-# noisy operator at these image sizes, so a screen there would choose on noise. --variants
-# runs it (and the full preset always does).
+# The screen's dev split leaves out carry_dense: behaviour cloning of exactly its expert's
+# episodes scores about 0.16 at 32x32 (docs/experiments/2026-12-06.md), so a screen there
+# would choose on noise. --variants runs it (and the full preset always does).
 SCREEN_DEV_VARIANTS = ("reach_wrong40", "reach_sparse_short", "reach_hesitant")
 MIN_CHECKPOINTS_FOR_RANKS = 3
 # Settings that do not change what a run computes, or name where it is: not compared.
