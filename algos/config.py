@@ -87,6 +87,9 @@ class TrainConfig:
                                        positive=True)
     doubleq_min: float = setting(1.0, "weight of min(Q1, Q2) in the V target (the rest on max)", "algorithm",
                                  unit_interval="[]")
+    value_return_bound: bool = setting(False, "V's target, like Q's, bounded below by the return the data "
+                                              "observed from (s, a) to a terminal: V need not wait for the "
+                                              "target critic to learn what the episode showed", "algorithm")
     value_expectile: float = setting(0.7, "expectile of Q over the data's own actions that V fits (IQL's)",
                                      "algorithm", unit_interval="()")
     weight_temperature: float = setting(0.05, "CVAE weights exp(A / this), clipped at 100, in units of the "

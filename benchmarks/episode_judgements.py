@@ -46,6 +46,8 @@ def judge(agent, buffer, episode_ids):
     """A_episode of each episode through the agent's own ``_judge`` (with ``value_folds`` > 1,
     by a V head that never fitted the episode), and V at its first row from that same head."""
     rows, kept_ids = episode_first_rows(buffer, episode_ids)
+    if not len(rows):
+        return np.zeros(0, int), np.zeros(0), np.zeros(0)
     out, values = [], []
     for start in range(0, len(rows), 256):
         first_rows = torch.from_numpy(rows[start:start + 256])
@@ -62,6 +64,10 @@ def main(argv=None):
     p.add_argument("--data", required=True, help="the dataset the checkpoints were trained on")
     p.add_argument("checkpoints", nargs="+")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--by_filter_state", action="store_true",
+                   help="split the training episodes of each behaviour into those the run's filter keeps and "
+                        "those it drops: a critic that judges the episodes it imitates differently from those "
+                        "it does not (same starts, same operator) shows here")
     args = p.parse_args(argv)
     dataset = hdf5_format.load_dataset(args.data, progress=False)
     with h5py.File(args.data, "r") as f:
@@ -80,21 +86,27 @@ def main(argv=None):
             buffer = utils.MultimodalReplayBuffer(dataset, ckpt["config"], device="cpu",
                                                   normalization=utils.Normalization.from_state_dict(ckpt["normalization"]))
         agent = algos.MultimodalAgent.from_checkpoint(path, device="cpu", replay_buffer=buffer)
-        judged = {split: judge(agent, buffer, list(ids))
-                  for split, ids in (("train", buffer.train_episode_ids), ("held out", buffer.test_episode_ids))}
         run_kept = (agent.episode_kept.cpu().numpy() if agent.episode_kept is not None
                     else np.ones(buffer.n_episodes, bool))
+        train_ids = np.asarray(buffer.train_episode_ids)
+        groups = [("train", train_ids)]
+        if args.by_filter_state:
+            groups = [("train, kept", train_ids[run_kept[train_ids]]),
+                      ("train, dropped", train_ids[~run_kept[train_ids]])]
+        judged = {split: judge(agent, buffer, list(ids))
+                  for split, ids in groups + [("held out", buffer.test_episode_ids)]}
         print(f"\n{path} (step {agent.total_it})")
         print("| behaviour | split | episodes | A_episode > 0 | kept by the run | mean A_episode | mean V(start) |")
         print("|---|---|---|---|---|---|---|")
         rows = []
         for split, (judged_ids, advantage, start_value) in judged.items():
             for name in names:
-                mask = episode_behaviour[judged_ids] == name
+                mask = (episode_behaviour[judged_ids] == name) if len(judged_ids) else np.zeros(0, bool)
                 if not mask.any():
                     continue
                 kept = float((advantage[mask] > 0).mean())
-                by_run = float(run_kept[judged_ids[mask]].mean()) if split == "train" else float("nan")
+                by_run = (float(run_kept[judged_ids[mask]].mean()) if split.startswith("train")
+                          else float("nan"))
                 print(f"| {name} | {split} | {int(mask.sum())} | {kept:.2f} | {by_run:.2f} | "
                       f"{advantage[mask].mean():+.3f} | {start_value[mask].mean():+.3f} |")
                 rows.append({"behaviour": name, "split": split, "episodes": int(mask.sum()), "kept": kept,
