@@ -1019,7 +1019,7 @@ class MultimodalLatent(MultimodalAgent):
                 episode_advantage = self.episode_advantage[batch.episode].unsqueeze(1)
                 kept = self.episode_kept[batch.episode].unsqueeze(1)
             advantage_weight = self._advantage_weight(advantage, episode_advantage, kept)
-        recon_action, mean, log_var = self.actor_vae(feature, action)
+        recon_action, mean, log_var = self.actor_vae(state if self.config.critic_only_encoder else feature, action)
         recon_loss = (recon_action - action).pow(2).sum(1, keepdim=True)
         kl_loss = -0.5 * (1 + log_var - mean.pow(2) - log_var.exp()).sum(1, keepdim=True)
         vae_loss = (advantage_weight * (recon_loss + self.config.kl_beta * kl_loss)).mean()

@@ -87,6 +87,9 @@ class TrainConfig:
                                        positive=True)
     doubleq_min: float = setting(1.0, "weight of min(Q1, Q2) in the V target (the rest on max)", "algorithm",
                                  unit_interval="[]")
+    critic_only_encoder: bool = setting(False, "the shared encoder is trained by the critic alone; the CVAE "
+                                               "reads its features detached, so imitating an episode cannot "
+                                               "teach V which operator recorded it", "algorithm")
     value_return_bound: bool = setting(False, "V's target, like Q's, bounded below by the return the data "
                                               "observed from (s, a) to a terminal: V need not wait for the "
                                               "target critic to learn what the episode showed", "algorithm")
