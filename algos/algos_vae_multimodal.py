@@ -110,6 +110,16 @@ def use_bf16(amp, device):
     return amp == "bf16" and device.type == "cpu" and native
 
 
+THUMBNAIL_SIZE = 8   # side of the pooled images the thumbnail judge reads (episode_judge)
+
+
+def thumbnail(images, joint):
+    """Each view of uint8 images [B, views, H, W, 3] average-pooled to THUMBNAIL_SIZE square,
+    in [0, 1], flattened, with the (normalised) joint vector: an input no training shapes."""
+    x = images.float().div(255).permute(0, 1, 4, 2, 3).flatten(1, 2)
+    return torch.cat([F.adaptive_avg_pool2d(x, THUMBNAIL_SIZE).flatten(1), joint.float()], 1)
+
+
 def mlp(in_dim, out_dim, hidden=(256, 256, 256)):
     """Linear-ReLU stack: the one network block every head is built from."""
     layers, width = [], in_dim
@@ -782,6 +792,13 @@ class MultimodalLatent(MultimodalAgent):
         self.critic_optimizer = adam(self.critic.parameters(), c.critic_lr, dev)
         # only the policy acts through it: training encodes with the online encoder
         self.encoder_target = frozen_copy(self.encoder) if c.polyak_acting else None
+        self.judge = None
+        if c.episode_filter and c.episode_judge == "thumbnail":
+            # one small head per fold, each fitted on its own fold's kept episodes (_update_judge)
+            judge_in = len(IMAGE_KEYS) * 3 * THUMBNAIL_SIZE ** 2 + self.joint_dim
+            self.judge = nn.ModuleList([mlp(judge_in, 1, (64, 64)) for _ in range(c.value_heads)]).to(dev)
+            self.judge_optimizer = adam(self.judge.parameters(), 1e-3, dev)
+            self._judge_input = self._judge_return = None
 
     def _modules(self):
         modules = {"encoder": self.encoder, "actor_vae": self.actor_vae, "actor_vae_target": self.actor_vae_target,
@@ -789,6 +806,8 @@ class MultimodalLatent(MultimodalAgent):
                    "critic": self.critic, "critic_target": self.critic_target}
         if self.config.polyak_acting:
             modules["encoder_target"] = self.encoder_target
+        if self.judge is not None:
+            modules["judge"] = self.judge
         return modules
 
     def _acting_modules(self):
@@ -799,6 +818,8 @@ class MultimodalLatent(MultimodalAgent):
     def _optimizers(self):
         optimizers = {"encoder": self.encoder_optimizer, "actor_vae": self.actor_vae_optimizer,
                       "actor": self.actor_optimizer, "critic": self.critic_optimizer}
+        if self.judge is not None:
+            optimizers["judge"] = self.judge_optimizer
         return optimizers
 
     def _policy_action(self, feature):
@@ -896,6 +917,9 @@ class MultimodalLatent(MultimodalAgent):
         if self.episode_advantage is None or len(self.episode_advantage) != buffer.n_episodes:
             self.episode_advantage = torch.full((buffer.n_episodes,), float("nan"), device=self.device)
             self.episode_kept = torch.ones(buffer.n_episodes, dtype=torch.bool, device=self.device)
+        if self.judge is not None and (self._judge_return is None or len(self._judge_return) != buffer.n_episodes):
+            self._judge_input = torch.zeros(buffer.n_episodes, self.judge[0][0].in_features, device=self.device)
+            self._judge_return = torch.full((buffer.n_episodes,), float("nan"), device=self.device)
         if self._train_episode is None or len(self._train_episode) != buffer.n_episodes:
             self._train_episode = torch.zeros(buffer.n_episodes, dtype=torch.bool, device=self.device)
             self._train_episode[torch.as_tensor(buffer.train_episode_ids, device=self.device)] = True
@@ -936,6 +960,9 @@ class MultimodalLatent(MultimodalAgent):
         n = min(n_episodes, len(first_rows))
         pick = (torch.arange(n) + self.total_it * n) % len(first_rows)
         self._record_judgement(*self._judge(first_rows.index_select(0, pick.to(first_rows.device))))
+        if self.judge is not None:
+            with torch.enable_grad():
+                self._update_judge()
 
     @torch.no_grad()
     def _judge(self, first_rows, buffer=None):
@@ -947,20 +974,51 @@ class MultimodalLatent(MultimodalAgent):
             next_feature = self._encode(batch.next_images, batch.next_joint)
         # with value_folds > 1, by a V head that never fitted this episode: a head that fitted
         # it tends to the episode's own return, and its judgement then drifts to 0
-        advantage = self._advantage(feature.float(), next_feature.float(), batch.reward, batch.discount,
-                                    self._fold(batch.episode, offset=1))
-        return batch.episode, advantage.squeeze(1)
+        fold = self._fold(batch.episode, offset=1)
+        if self.judge is None:
+            advantage = self._advantage(feature.float(), next_feature.float(), batch.reward, batch.discount, fold)
+            return batch.episode, advantage.squeeze(1)
+        episode_return = (batch.reward + batch.discount * self.critic.v(next_feature.float(), fold)).clamp(
+            self.min_v, self.max_v).squeeze(1)
+        judge_input = thumbnail(batch.images, batch.joint)
+        self._judge_input[batch.episode] = judge_input
+        self._judge_return[batch.episode] = episode_return
+        return batch.episode, episode_return - self._judge_value(judge_input, batch.episode, offset=1)
+
+    def _judge_value(self, judge_input, episode, offset=0):
+        """The judge heads' value at these first rows: each episode's own fold's head, or
+        with ``offset`` the next fold's (one that never fitted it)."""
+        values = torch.cat([head(judge_input) for head in self.judge], 1)
+        return values.gather(1, ((episode + offset) % len(self.judge)).unsqueeze(1)).squeeze(1)
+
+    def _update_judge(self):
+        """One step of each judge head towards the ``value_expectile`` of its fold's kept
+        training episodes' returns (masked, not selected: no wait for the host)."""
+        use = (self._train_episode & self.episode_kept & ~torch.isnan(self._judge_return)).float()
+        episode = torch.arange(len(use), device=self.device)
+        error = torch.nan_to_num(self._judge_return) - self._judge_value(self._judge_input, episode)
+        expectile = self.config.value_expectile
+        loss = (use * torch.where(error > 0, expectile, 1 - expectile) * error.pow(2)).sum() / use.sum().clamp(min=1)
+        self.judge_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.judge_optimizer.step()
 
     def _training_state(self):
         if self.episode_advantage is None:
             return {}
-        return {"episode_advantage": self.episode_advantage, "episode_kept": self.episode_kept}
+        state = {"episode_advantage": self.episode_advantage, "episode_kept": self.episode_kept}
+        if self.judge is not None:
+            state.update(judge_input=self._judge_input, judge_return=self._judge_return)
+        return state
 
     def _set_training_state(self, state):
         self.episode_advantage = self.episode_kept = None
         if state.get("episode_advantage") is not None:
             self.episode_advantage = state["episode_advantage"].to(self.device)
             self.episode_kept = state["episode_kept"].to(self.device)
+        if state.get("judge_return") is not None:
+            self._judge_input = state["judge_input"].to(self.device)
+            self._judge_return = state["judge_return"].to(self.device)
 
     def _advantage(self, feature, next_feature, reward, discount, fold=None):
         """A = clamp(r + discount * V(s')) - clamp(V(s)) with the current critic (V's head of
@@ -1019,7 +1077,7 @@ class MultimodalLatent(MultimodalAgent):
                 episode_advantage = self.episode_advantage[batch.episode].unsqueeze(1)
                 kept = self.episode_kept[batch.episode].unsqueeze(1)
             advantage_weight = self._advantage_weight(advantage, episode_advantage, kept)
-        recon_action, mean, log_var = self.actor_vae(state if self.config.critic_only_encoder else feature, action)
+        recon_action, mean, log_var = self.actor_vae(feature, action)
         recon_loss = (recon_action - action).pow(2).sum(1, keepdim=True)
         kl_loss = -0.5 * (1 + log_var - mean.pow(2) - log_var.exp()).sum(1, keepdim=True)
         vae_loss = (advantage_weight * (recon_loss + self.config.kl_beta * kl_loss)).mean()

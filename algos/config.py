@@ -87,9 +87,12 @@ class TrainConfig:
                                        positive=True)
     doubleq_min: float = setting(1.0, "weight of min(Q1, Q2) in the V target (the rest on max)", "algorithm",
                                  unit_interval="[]")
-    critic_only_encoder: bool = setting(False, "the shared encoder is trained by the critic alone; the CVAE "
-                                               "reads its features detached, so imitating an episode cannot "
-                                               "teach V which operator recorded it", "algorithm")
+    episode_judge: str = setting("critic", "what an episode's return is judged against: V at its first row "
+                                         "(critic), or an expectile of the kept episodes' returns fitted on 8x8 "
+                                         "thumbnails of the first row's images by small heads cross-fitted by "
+                                         "fold (thumbnail; nothing it reads is trained, so imitating an episode "
+                                         "cannot lower the value it is judged against)", "algorithm",
+                                 choices=("critic", "thumbnail"))
     value_return_bound: bool = setting(False, "V's target, like Q's, bounded below by the return the data "
                                               "observed from (s, a) to a terminal: V need not wait for the "
                                               "target critic to learn what the episode showed", "algorithm")
