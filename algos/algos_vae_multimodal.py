@@ -864,8 +864,6 @@ class MultimodalLatent(MultimodalAgent):
         if self.config.return_bound and observed_return is not None:
             target_Q = torch.maximum(target_Q, observed_return)
         target_V = self._target_value(feature, action)
-        if self.config.value_return_bound and self.config.return_bound and observed_return is not None:
-            target_V = torch.maximum(target_V, observed_return)
         return target_Q.clamp(self.min_v, self.max_v), target_V.clamp(self.min_v, self.max_v)
 
     def _value_loss(self, current_V, target_V):

@@ -93,9 +93,6 @@ class TrainConfig:
                                          "fold (thumbnail; nothing it reads is trained, so imitating an episode "
                                          "cannot lower the value it is judged against)", "algorithm",
                                  choices=("critic", "thumbnail"))
-    value_return_bound: bool = setting(False, "V's target, like Q's, bounded below by the return the data "
-                                              "observed from (s, a) to a terminal: V need not wait for the "
-                                              "target critic to learn what the episode showed", "algorithm")
     value_expectile: float = setting(0.7, "expectile of Q over the data's own actions that V fits (IQL's)",
                                      "algorithm", unit_interval="()")
     weight_temperature: float = setting(0.05, "CVAE weights exp(A / this), clipped at 100, in units of the "
@@ -209,10 +206,10 @@ SEED_FIELDS = ("seed",)   # the split of episodes depends on it: fixed on resume
 
 # Settings added after checkpoint format 2, with the value a run made before them was trained
 # with (each was off until it existed): its checkpoints and params.json lack them.
-SETTINGS_ADDED_SINCE_FORMAT = {}
+SETTINGS_ADDED_SINCE_FORMAT = {"episode_judge": "critic"}
 # Settings taken out after format 2 because their measurements lost, with their "off" value: a
 # run made with one off is a run of this version; one made with it on cannot be rebuilt.
-SETTINGS_REMOVED_SINCE_FORMAT = {"encoder_bc_rows": 0, "image_coords": False}
+SETTINGS_REMOVED_SINCE_FORMAT = {"encoder_bc_rows": 0, "image_coords": False, "value_return_bound": False}
 
 
 def settings_of_this_version(stored):

@@ -12,8 +12,11 @@ seen). A filter that generalises keeps the same operators on both; one that has 
 its own training episodes drifts on those only. Prints one table per checkpoint: per
 behaviour and split, episodes, share judged above 0, the share the run's filter kept at
 that step (training episodes; what the CVAE imitated, which with --filter_band also
-depends on earlier judgements), mean A_episode and mean V at the episodes' first rows
-(the value the return is judged against).
+depends on earlier judgements), mean A_episode and V at the episodes' first rows (the value
+the return is judged against: mean, 10th and 90th percentile). Starts are drawn alike for
+every operator, so V(start) should not depend on who recorded the episode; with
+--by_filter_state, a V that is lower at the starts of the episodes the run imitates than at
+the same operator's dropped and held-out ones has learnt them from training on them.
 """
 import argparse
 import json
@@ -44,7 +47,8 @@ def episode_first_rows(buffer, episode_ids):
 @torch.no_grad()
 def judge(agent, buffer, episode_ids):
     """A_episode of each episode through the agent's own ``_judge`` (with ``value_folds`` > 1,
-    by a V head that never fitted the episode), and V at its first row from that same head."""
+    by a V head that never fitted the episode), and the value it is judged against: V at its
+    first row from that same head (or the thumbnail judge's value)."""
     rows, kept_ids = episode_first_rows(buffer, episode_ids)
     if not len(rows):
         return np.zeros(0, int), np.zeros(0), np.zeros(0)
@@ -53,9 +57,12 @@ def judge(agent, buffer, episode_ids):
         first_rows = torch.from_numpy(rows[start:start + 256])
         episode, advantage = agent._judge(first_rows, buffer)
         batch = buffer.gather(first_rows)
-        feature = agent.encoder(batch.images, batch.joint)
         out.append(advantage)
-        values.append(agent.critic.v(feature, agent._fold(episode, offset=1)).squeeze(1))
+        if getattr(agent, "judge", None) is not None:   # --episode_judge thumbnail: its heads' value
+            values.append(agent._judge_value(algos.thumbnail(batch.images, batch.joint), episode, offset=1))
+        else:
+            feature = agent.encoder(batch.images, batch.joint)
+            values.append(agent.critic.v(feature, agent._fold(episode, offset=1)).squeeze(1))
     return np.array(kept_ids), torch.cat(out).float().numpy(), torch.cat(values).numpy()
 
 
@@ -96,8 +103,9 @@ def main(argv=None):
         judged = {split: judge(agent, buffer, list(ids))
                   for split, ids in groups + [("held out", buffer.test_episode_ids)]}
         print(f"\n{path} (step {agent.total_it})")
-        print("| behaviour | split | episodes | A_episode > 0 | kept by the run | mean A_episode | mean V(start) |")
-        print("|---|---|---|---|---|---|---|")
+        print("| behaviour | split | episodes | A_episode > 0 | kept by the run | mean A_episode | mean V(start) "
+              "| V(start) 10th / 90th percentile |")
+        print("|---|---|---|---|---|---|---|---|")
         rows = []
         for split, (judged_ids, advantage, start_value) in judged.items():
             for name in names:
@@ -108,11 +116,14 @@ def main(argv=None):
                 by_run = (float(run_kept[judged_ids[mask]].mean()) if split.startswith("train")
                           else float("nan"))
                 print(f"| {name} | {split} | {int(mask.sum())} | {kept:.2f} | {by_run:.2f} | "
-                      f"{advantage[mask].mean():+.3f} | {start_value[mask].mean():+.3f} |")
+                      f"{advantage[mask].mean():+.3f} | {start_value[mask].mean():+.3f} | "
+                      f"{np.percentile(start_value[mask], 10):+.2f} / {np.percentile(start_value[mask], 90):+.2f} |")
                 rows.append({"behaviour": name, "split": split, "episodes": int(mask.sum()), "kept": kept,
                              "kept_by_run": by_run,
                              "mean_advantage": float(advantage[mask].mean()),
-                             "mean_start_value": float(start_value[mask].mean())})
+                             "mean_start_value": float(start_value[mask].mean()),
+                             "start_value_p10": float(np.percentile(start_value[mask], 10)),
+                             "start_value_p90": float(np.percentile(start_value[mask], 90))})
         report[path] = {"step": agent.total_it, "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
