@@ -794,11 +794,10 @@ class MultimodalLatent(MultimodalAgent):
         self.encoder_target = frozen_copy(self.encoder) if c.polyak_acting else None
         self.judge = None
         if c.episode_filter and c.episode_judge == "thumbnail":
-            # one small head per fold, each fitted on its own fold's kept episodes (_update_judge)
+            # one small V head per fold, each fitted on its own fold's rows (_update_judge)
             judge_in = len(IMAGE_KEYS) * 3 * THUMBNAIL_SIZE ** 2 + self.joint_dim
             self.judge = nn.ModuleList([mlp(judge_in, 1, (64, 64)) for _ in range(c.value_heads)]).to(dev)
-            self.judge_optimizer = adam(self.judge.parameters(), 1e-3, dev)
-            self._judge_input = self._judge_return = None
+            self.judge_optimizer = adam(self.judge.parameters(), c.critic_lr, dev)
 
     def _modules(self):
         modules = {"encoder": self.encoder, "actor_vae": self.actor_vae, "actor_vae_target": self.actor_vae_target,
@@ -915,9 +914,6 @@ class MultimodalLatent(MultimodalAgent):
         if self.episode_advantage is None or len(self.episode_advantage) != buffer.n_episodes:
             self.episode_advantage = torch.full((buffer.n_episodes,), float("nan"), device=self.device)
             self.episode_kept = torch.ones(buffer.n_episodes, dtype=torch.bool, device=self.device)
-        if self.judge is not None and (self._judge_return is None or len(self._judge_return) != buffer.n_episodes):
-            self._judge_input = torch.zeros(buffer.n_episodes, self.judge[0][0].in_features, device=self.device)
-            self._judge_return = torch.full((buffer.n_episodes,), float("nan"), device=self.device)
         if self._train_episode is None or len(self._train_episode) != buffer.n_episodes:
             self._train_episode = torch.zeros(buffer.n_episodes, dtype=torch.bool, device=self.device)
             self._train_episode[torch.as_tensor(buffer.train_episode_ids, device=self.device)] = True
@@ -958,45 +954,43 @@ class MultimodalLatent(MultimodalAgent):
         n = min(n_episodes, len(first_rows))
         pick = (torch.arange(n) + self.total_it * n) % len(first_rows)
         self._record_judgement(*self._judge(first_rows.index_select(0, pick.to(first_rows.device))))
-        if self.judge is not None:
-            with torch.enable_grad():
-                self._update_judge()
 
     @torch.no_grad()
     def _judge(self, first_rows, buffer=None):
         """(episode index, A_episode) of the episodes whose first rows are given: A at that
         row with the current encoder and critic."""
         batch = (buffer or self.replay_buffer).gather(first_rows)
-        with self._autocast():
-            feature = self._encode(batch.images, batch.joint)
-            next_feature = self._encode(batch.next_images, batch.next_joint)
-        # with value_folds > 1, by a V head that never fitted this episode: a head that fitted
-        # it tends to the episode's own return, and its judgement then drifts to 0
-        fold = self._fold(batch.episode, offset=1)
         if self.judge is None:
-            advantage = self._advantage(feature.float(), next_feature.float(), batch.reward, batch.discount, fold)
+            with self._autocast():
+                feature = self._encode(batch.images, batch.joint)
+                next_feature = self._encode(batch.next_images, batch.next_joint)
+            # with value_folds > 1, by a V head that never fitted this episode: a head that fitted
+            # it tends to the episode's own return, and its judgement then drifts to 0
+            advantage = self._advantage(feature.float(), next_feature.float(), batch.reward, batch.discount,
+                                        self._fold(batch.episode, offset=1))
             return batch.episode, advantage.squeeze(1)
-        episode_return = (batch.reward + batch.discount * self.critic.v(next_feature.float(), fold)).clamp(
-            self.min_v, self.max_v).squeeze(1)
-        judge_input = thumbnail(batch.images, batch.joint)
-        self._judge_input[batch.episode] = judge_input
-        self._judge_return[batch.episode] = episode_return
-        return batch.episode, episode_return - self._judge_value(judge_input, batch.episode, offset=1)
+        # --episode_judge thumbnail: the same n-step advantage, by the judge head of the other fold
+        episode_return = (batch.reward.squeeze(1) + batch.discount.squeeze(1) * self._judge_value(
+            thumbnail(batch.next_images, batch.next_joint), batch.episode, offset=1)).clamp(self.min_v, self.max_v)
+        return batch.episode, episode_return - self._judge_value(thumbnail(batch.images, batch.joint),
+                                                                 batch.episode, offset=1)
 
     def _judge_value(self, judge_input, episode, offset=0):
-        """The judge heads' value at these first rows: each episode's own fold's head, or
-        with ``offset`` the next fold's (one that never fitted it)."""
+        """The judge heads' value at these rows: each row's own fold's head, or with
+        ``offset`` the next fold's (one that never fitted its episode)."""
         values = torch.cat([head(judge_input) for head in self.judge], 1)
         return values.gather(1, ((episode + offset) % len(self.judge)).unsqueeze(1)).squeeze(1)
 
-    def _update_judge(self):
-        """One step of each judge head towards the ``value_expectile`` of its fold's kept
-        training episodes' returns (masked, not selected: no wait for the host)."""
-        use = (self._train_episode & self.episode_kept & ~torch.isnan(self._judge_return)).float()
-        episode = torch.arange(len(use), device=self.device)
-        error = torch.nan_to_num(self._judge_return) - self._judge_value(self._judge_input, episode)
+    def _update_judge(self, batch):
+        """One step of each row's own fold's judge head towards the ``value_expectile`` of
+        its n-step target, on the training batch (the kept episodes' rows): a small critic
+        of V alone, on thumbnails that no training shapes."""
+        with torch.no_grad():
+            target = (batch.reward.squeeze(1) + batch.discount.squeeze(1) * self._judge_value(
+                thumbnail(batch.next_images, batch.next_joint), batch.episode)).clamp(self.min_v, self.max_v)
+        error = target - self._judge_value(thumbnail(batch.images, batch.joint), batch.episode)
         expectile = self.config.value_expectile
-        loss = (use * torch.where(error > 0, expectile, 1 - expectile) * error.pow(2)).sum() / use.sum().clamp(min=1)
+        loss = 2 * (torch.where(error > 0, expectile, 1 - expectile) * error.pow(2)).mean()
         self.judge_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.judge_optimizer.step()
@@ -1004,19 +998,13 @@ class MultimodalLatent(MultimodalAgent):
     def _training_state(self):
         if self.episode_advantage is None:
             return {}
-        state = {"episode_advantage": self.episode_advantage, "episode_kept": self.episode_kept}
-        if self.judge is not None:
-            state.update(judge_input=self._judge_input, judge_return=self._judge_return)
-        return state
+        return {"episode_advantage": self.episode_advantage, "episode_kept": self.episode_kept}
 
     def _set_training_state(self, state):
         self.episode_advantage = self.episode_kept = None
         if state.get("episode_advantage") is not None:
             self.episode_advantage = state["episode_advantage"].to(self.device)
             self.episode_kept = state["episode_kept"].to(self.device)
-        if state.get("judge_return") is not None:
-            self._judge_input = state["judge_input"].to(self.device)
-            self._judge_return = state["judge_return"].to(self.device)
 
     def _advantage(self, feature, next_feature, reward, discount, fold=None):
         """A = clamp(r + discount * V(s')) - clamp(V(s)) with the current critic (V's head of
@@ -1066,6 +1054,8 @@ class MultimodalLatent(MultimodalAgent):
         self.critic_optimizer.zero_grad(set_to_none=True)
         critic_loss.backward()
         self.critic_optimizer.step()
+        if self.judge is not None:
+            self._update_judge(batch)
 
         # ---- advantage-weighted CVAE (advantage from the critic after its step)
         with torch.no_grad():

@@ -398,6 +398,40 @@ def test_every_training_episode_is_judged_at_its_first_row(tiny_dataset):
         (agent.episode_advantage[episodes] > 0).float().mean().item())
 
 
+def test_thumbnail_judge_uses_the_other_folds_head_learns_from_its_own_fold_and_is_checkpointed(tmp_path, tiny_dataset):
+    """--episode_judge thumbnail: A_episode is the n-step advantage at the episode's first row
+    by the judge head of the other fold, on thumbnails of the images; a head learns only from
+    its own fold's rows; the heads are saved with the checkpoint."""
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), train_test_split=0.8,
+                                          seed=0, n_step=100)
+    torch.manual_seed(0)
+    agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu",
+                                   episode_judge="thumbnail")
+    agent.train(3, 8)
+    first_rows = buffer.train_episode_first_rows
+    batch = buffer.gather(first_rows)
+    episode, advantage = agent._judge(first_rows)
+    with torch.no_grad():
+        other = (batch.episode + 1) % 2
+        value = lambda images, joint: torch.cat([head(algos.thumbnail(images, joint)) for head in agent.judge],
+                                                1).gather(1, other.unsqueeze(1))
+        expected = ((batch.reward + batch.discount * value(batch.next_images, batch.next_joint)).clamp(agent.min_v, agent.max_v)
+                    - value(batch.images, batch.joint))
+    torch.testing.assert_close(advantage, expected.squeeze(1))
+    # a head learns from its own fold's rows only
+    fold1 = first_rows[batch.episode % 2 == 1]
+    agent.judge_optimizer = torch.optim.SGD(agent.judge.parameters(), lr=0.1)   # no momentum from earlier steps
+    head0 = [p.clone() for p in agent.judge[0].parameters()]
+    head1 = [p.clone() for p in agent.judge[1].parameters()]
+    agent._update_judge(buffer.gather(fold1))
+    assert all(torch.equal(a, b) for a, b in zip(head0, agent.judge[0].parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(head1, agent.judge[1].parameters()))
+    agent.save("model", str(tmp_path))
+    restored = algos.MultimodalAgent.from_checkpoint(str(tmp_path / "model.pth"), device="cpu", replay_buffer=buffer)
+    assert restored.config.episode_judge == "thumbnail"
+    torch.testing.assert_close(restored._judge(first_rows)[1], agent._judge(first_rows)[1])
+
+
 def test_filter_band_holds_each_episode_kept_or_dropped_until_judged_beyond_it(tiny_dataset):
     """With --filter_band b an episode is dropped when judged below -b, taken back only
     when judged above +b, and left as it was in between (a first judgement: its sign); the
