@@ -87,11 +87,13 @@ class TrainConfig:
                                        positive=True)
     doubleq_min: float = setting(1.0, "weight of min(Q1, Q2) in the V target (the rest on max)", "algorithm",
                                  unit_interval="[]")
-    episode_judge: str = setting("critic", "what an episode's return is judged against: V at its first row "
-                                         "(critic), or an expectile of the kept episodes' returns fitted on 8x8 "
-                                         "thumbnails of the first row's images by small heads cross-fitted by "
-                                         "fold (thumbnail; nothing it reads is trained, so imitating an episode "
-                                         "cannot lower the value it is judged against)", "algorithm",
+    episode_judge: str = setting("critic", "what judges an episode for the filter: the critic's V heads "
+                                         "(critic), or small V heads on 8x8 thumbnails of the images and the "
+                                         "joint vector, cross-fitted by fold and trained on the same batches "
+                                         "(thumbnail: their input is not learnt, so the head that judges an "
+                                         "episode knows nothing of it, where the critic's heads share an encoder "
+                                         "trained on every kept episode; screened on two dev variants, not yet "
+                                         "the default, see docs/design.md)", "algorithm",
                                  choices=("critic", "thumbnail"))
     value_expectile: float = setting(0.7, "expectile of Q over the data's own actions that V fits (IQL's)",
                                      "algorithm", unit_interval="()")
