@@ -958,7 +958,8 @@ class MultimodalLatent(MultimodalAgent):
     @torch.no_grad()
     def _judge(self, first_rows, buffer=None):
         """(episode index, A_episode) of the episodes whose first rows are given: A at that
-        row with the current encoder and critic."""
+        row with the current encoder and critic, or with --episode_judge thumbnail the judge
+        heads' (``_judge_value``)."""
         batch = (buffer or self.replay_buffer).gather(first_rows)
         if self.judge is None:
             with self._autocast():

@@ -211,7 +211,8 @@ SEED_FIELDS = ("seed",)   # the split of episodes depends on it: fixed on resume
 SETTINGS_ADDED_SINCE_FORMAT = {"episode_judge": "critic"}
 # Settings taken out after format 2 because their measurements lost, with their "off" value: a
 # run made with one off is a run of this version; one made with it on cannot be rebuilt.
-SETTINGS_REMOVED_SINCE_FORMAT = {"encoder_bc_rows": 0, "image_coords": False, "value_return_bound": False}
+SETTINGS_REMOVED_SINCE_FORMAT = {"encoder_bc_rows": 0, "image_coords": False, "value_return_bound": False,
+                                 "critic_only_encoder": False}
 
 
 def settings_of_this_version(stored):
