@@ -971,10 +971,16 @@ class MultimodalLatent(MultimodalAgent):
                                         self._fold(batch.episode, offset=1))
             return batch.episode, advantage.squeeze(1)
         # --episode_judge thumbnail: the same n-step advantage, by the judge head of the other fold
-        episode_return = (batch.reward.squeeze(1) + batch.discount.squeeze(1) * self._judge_value(
-            thumbnail(batch.next_images, batch.next_joint), batch.episode, offset=1)).clamp(self.min_v, self.max_v)
-        return batch.episode, episode_return - self._judge_value(thumbnail(batch.images, batch.joint),
-                                                                 batch.episode, offset=1)
+        episode_return, value = self._judge_target_and_value(batch, offset=1)
+        return batch.episode, episode_return - value
+
+    def _judge_target_and_value(self, batch, offset=0):
+        """The judge heads' n-step target r + discount * V(s') and their V(s) at the batch's
+        rows (each row's own fold's head, or with ``offset`` the next fold's)."""
+        with torch.no_grad():
+            target = (batch.reward.squeeze(1) + batch.discount.squeeze(1) * self._judge_value(
+                thumbnail(batch.next_images, batch.next_joint), batch.episode, offset)).clamp(self.min_v, self.max_v)
+        return target, self._judge_value(thumbnail(batch.images, batch.joint), batch.episode, offset)
 
     def _judge_value(self, judge_input, episode, offset=0):
         """The judge heads' value at these rows: each row's own fold's head, or with
@@ -986,10 +992,8 @@ class MultimodalLatent(MultimodalAgent):
         """One step of each row's own fold's judge head towards the ``value_expectile`` of
         its n-step target, on the training batch (the kept episodes' rows): a small critic
         of V alone, on thumbnails that no training shapes."""
-        with torch.no_grad():
-            target = (batch.reward.squeeze(1) + batch.discount.squeeze(1) * self._judge_value(
-                thumbnail(batch.next_images, batch.next_joint), batch.episode)).clamp(self.min_v, self.max_v)
-        error = target - self._judge_value(thumbnail(batch.images, batch.joint), batch.episode)
+        target, value = self._judge_target_and_value(batch)
+        error = target - value
         expectile = self.config.value_expectile
         loss = 2 * (torch.where(error > 0, expectile, 1 - expectile) * error.pow(2)).mean()
         self.judge_optimizer.zero_grad(set_to_none=True)

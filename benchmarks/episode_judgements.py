@@ -109,7 +109,7 @@ def main(argv=None):
         rows = []
         for split, (judged_ids, advantage, start_value) in judged.items():
             for name in names:
-                mask = (episode_behaviour[judged_ids] == name) if len(judged_ids) else np.zeros(0, bool)
+                mask = episode_behaviour[judged_ids] == name
                 if not mask.any():
                     continue
                 kept = float((advantage[mask] > 0).mean())
