@@ -339,9 +339,13 @@ def train_loop(agent, config, folder, progress, evaluator, criterion, best, stop
                 row = {"steps": step, "AverageReturn": None, "StdReturn": None, "SuccessRate": None,
                        "NormalizedScore": None, "steps_per_s": (step - steps_row) / max(now - t_row, 1e-9)}
                 row.update({k: v / max(loss_steps, 1) for k, v in loss_sums.items()})
+                # Evaluation draws nothing from training's random streams: a run trains the
+                # same whatever --eval_freq and --eval_episodes are.
+                rng = algos.capture_rng_state(agent.replay_buffer)
                 row.update(agent.offline_metrics())
                 if evaluator is not None and not interrupted:
                     row.update(evaluator(agent))
+                algos.restore_rng_state(rng, agent.replay_buffer)
                 row["wall_time_s"] = now - t_start
                 progress.write(row)
                 last_row, loss_sums, loss_steps = row, {}, 0

@@ -267,9 +267,13 @@ class ActorVAE(nn.Module):
         self.latent_dim = latent_dim
         self.max_latent_action = max_latent_action
 
-    def forward(self, feature, action):
+    def encode(self, feature, action):
+        """The posterior's mean and log-variance of z given the observation and action."""
         mean, log_var = self.encoder(torch.cat([feature, action], 1)).chunk(2, dim=1)
-        log_var = log_var.clamp(-10, 10)   # exp() must stay finite
+        return mean, log_var.clamp(-10, 10)   # exp() must stay finite
+
+    def forward(self, feature, action):
+        mean, log_var = self.encode(feature, action)
         z = mean + torch.exp(log_var / 2) * torch.randn_like(mean)
         return self.decode(feature, z), mean, log_var
 
@@ -1131,7 +1135,7 @@ class MultimodalLatent(MultimodalAgent):
         policy_action = (self._act(batch.images, batch.joint).float() if self.config.polyak_acting
                          else self._policy_action(feature))
         action_err = (policy_action - action).pow(2).mean(1)
-        _, mean, _ = self.actor_vae(feature, action)
+        mean, _ = self.actor_vae.encode(feature, action)   # no sample: the metric draws nothing
         recon_err = (self.actor_vae.decode(feature, mean) - action).pow(2).mean(1)
         advantage = self._advantage(feature, batch.next_feature.float(), batch.reward, batch.discount).squeeze(1)
         positive = (advantage > 0).float()

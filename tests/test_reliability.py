@@ -280,6 +280,22 @@ def test_exact_resume_is_bit_identical(tmp_path, sim_dataset, how):
     assert progress_steps(tmp_path / "results" / "Exptwo" / "multimodal_robot") == expected_steps
 
 
+def test_evaluation_does_not_change_what_a_run_learns(tmp_path, sim_dataset):
+    """Rollouts and offline metrics every 4 steps leave the trained networks bit-identical to
+    a run evaluated only at its end: how often a user evaluates must not change the policy."""
+    folders = {}
+    for exp, eval_freq in (("rare", 12), ("often", 4)):
+        res = run_cli("main_multimodal.py", "--hdf5_path", sim_dataset, "--log_dir", tmp_path / "results", "--ExpID",
+                      exp, *TINY_TRAIN, "--seed", 7, "--max_timesteps", 12, "--eval_freq", eval_freq, cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        folders[exp] = tmp_path / "results" / f"Exp{exp}" / "multimodal_robot"
+    assert progress_steps(folders["often"]) == [4, 8, 12]
+    a, b = final_params(folders["rare"]), final_params(folders["often"])
+    for net in a:
+        for key in a[net]:
+            assert torch.equal(a[net][key], b[net][key]), (net, key)
+
+
 # --------------------------------------------------------------------------- numerical faults
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_dataset):
     res = run_cli("main_multimodal.py", "--hdf5_path", tiny_dataset, "--log_dir", tmp_path / "results", "--ExpID",
