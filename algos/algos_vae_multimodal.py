@@ -993,12 +993,14 @@ class MultimodalLatent(MultimodalAgent):
         return values.gather(1, ((episode + offset) % len(self.judge)).unsqueeze(1)).squeeze(1)
 
     def _update_judge(self, batch):
-        """One step of each row's own fold's judge head towards the ``value_expectile`` of
-        its n-step target, on the training batch (the kept episodes' rows): a small critic
-        of V alone, on thumbnails that no training shapes."""
+        """One step of each row's own fold's judge head towards the ``judge_expectile`` of its
+        n-step target, on a uniform batch of training rows (every operator's, kept or not): a
+        small critic of V alone, on thumbnails that no training shapes. Why uniform: a V fitted
+        to the kept episodes rises to their own returns, their judgements drift to 0 and the
+        filter drains; fitted to all of them it stays between the best operator and the rest."""
         target, value = self._judge_target_and_value(batch)
         error = target - value
-        expectile = self.config.value_expectile
+        expectile = self.config.judge_expectile
         loss = 2 * (torch.where(error > 0, expectile, 1 - expectile) * error.pow(2)).mean()
         self.judge_optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -1037,6 +1039,8 @@ class MultimodalLatent(MultimodalAgent):
         # feature.grad; one backward pass then carries the sum through the trunks.
         feature = obs_feature.detach().requires_grad_()
         losses = self._update_heads(feature, next_obs_feature.float(), batch)
+        if self.judge is not None:   # uniform rows: a reference that does not follow the filter's choice
+            self._update_judge(self.replay_buffer.sample(batch.action.shape[0], with_next=True))
         self.encoder_optimizer.zero_grad(set_to_none=True)
         obs_feature.backward(feature.grad)
         self.encoder_optimizer.step()
@@ -1063,8 +1067,6 @@ class MultimodalLatent(MultimodalAgent):
         self.critic_optimizer.zero_grad(set_to_none=True)
         critic_loss.backward()
         self.critic_optimizer.step()
-        if self.judge is not None:
-            self._update_judge(batch)
 
         # ---- advantage-weighted CVAE (advantage from the critic after its step)
         with torch.no_grad():

@@ -89,12 +89,17 @@ class TrainConfig:
                                  unit_interval="[]")
     episode_judge: str = setting("critic", "what judges an episode for the filter: the critic's V heads "
                                          "(critic), or small V heads on 8x8 thumbnails of the images and the "
-                                         "joint vector, cross-fitted by fold and trained on the same batches "
-                                         "(thumbnail: their input is not learnt, so the head that judges an "
-                                         "episode knows nothing of it, where the critic's heads share an encoder "
-                                         "trained on every kept episode; screened on two dev variants, not yet "
+                                         "joint vector, cross-fitted by fold and trained on rows of every "
+                                         "training episode (thumbnail: their input is not learnt and they "
+                                         "never see the filter's choice, so the head that judges an episode "
+                                         "knows nothing of it, where the critic's heads share an encoder "
+                                         "trained on the kept episodes; screened on dev variants, not yet "
                                          "the default, see docs/design.md)", "algorithm",
                                  choices=("critic", "thumbnail"))
+    judge_expectile: float = setting(0.9, "with --episode_judge thumbnail, the expectile of every operator's "
+                                          "returns from a state that the judge heads fit: the bar an episode's "
+                                          "return must clear to be kept (0.5: better than the data's mean)",
+                                     "algorithm")
     value_expectile: float = setting(0.7, "expectile of Q over the data's own actions that V fits (IQL's)",
                                      "algorithm", unit_interval="()")
     weight_temperature: float = setting(0.05, "CVAE weights exp(A / this), clipped at 100, in units of the "
@@ -208,7 +213,7 @@ SEED_FIELDS = ("seed",)   # the split of episodes depends on it: fixed on resume
 
 # Settings added after checkpoint format 2, with the value a run made before them was trained
 # with (each was off until it existed): its checkpoints and params.json lack them.
-SETTINGS_ADDED_SINCE_FORMAT = {"episode_judge": "critic"}
+SETTINGS_ADDED_SINCE_FORMAT = {"episode_judge": "critic", "judge_expectile": 0.9}
 # Settings taken out after format 2 because their measurements lost, with their "off" value: a
 # run made with one off is a run of this version; one made with it on cannot be rebuilt.
 SETTINGS_REMOVED_SINCE_FORMAT = {"encoder_bc_rows": 0, "image_coords": False, "value_return_bound": False,
