@@ -448,6 +448,32 @@ def test_thumbnail_judge_uses_the_other_folds_head_learns_from_its_own_fold_and_
     torch.testing.assert_close(restored._judge(first_rows)[1], agent._judge(first_rows)[1])
 
 
+def test_thumbnail_judge_learns_from_every_training_episode_not_only_the_kept_ones(tiny_dataset):
+    """The judge heads fit rows drawn uniformly from all training episodes while the CVAE and
+    critic see only the kept one: the bar an episode must clear does not follow the filter."""
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), train_test_split=0.8,
+                                          seed=0)
+    agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu",
+                                   episode_judge="thumbnail", filter_band=1e9)   # the kept set cannot change
+    train_ids = sorted(buffer.train_episode_ids.tolist())
+    agent.episode_advantage = torch.zeros(buffer.n_episodes)
+    agent.episode_kept = torch.zeros(buffer.n_episodes, dtype=torch.bool)
+    agent.episode_kept[train_ids[0]] = True
+    seen = {"heads": set(), "judge": set()}
+
+    def recording(name, method):
+        def wrapped(*args):
+            batch = args[-1]
+            seen[name].update(batch.episode.tolist())
+            return method(*args)
+        return wrapped
+    agent._update_heads = recording("heads", agent._update_heads)
+    agent._update_judge = recording("judge", agent._update_judge)
+    agent.train(6, 8)
+    assert seen["heads"] == {train_ids[0]}
+    assert len(seen["judge"]) > 1 and seen["judge"] <= set(train_ids)
+
+
 def test_filter_band_holds_each_episode_kept_or_dropped_until_judged_beyond_it(tiny_dataset):
     """With --filter_band b an episode is dropped when judged below -b, taken back only
     when judged above +b, and left as it was in between (a first judgement: its sign); the
