@@ -99,7 +99,7 @@ class TrainConfig:
     judge_expectile: float = setting(0.9, "with --episode_judge thumbnail, the expectile of every operator's "
                                           "returns from a state that the judge heads fit: the bar an episode's "
                                           "return must clear to be kept (0.5: better than the data's mean)",
-                                     "algorithm")
+                                     "algorithm", unit_interval="()")
     value_expectile: float = setting(0.7, "expectile of Q over the data's own actions that V fits (IQL's)",
                                      "algorithm", unit_interval="()")
     weight_temperature: float = setting(0.05, "CVAE weights exp(A / this), clipped at 100, in units of the "

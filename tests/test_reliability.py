@@ -108,6 +108,7 @@ def test_fewer_episodes_than_the_split_needs(tmp_path, capsys):
     (["--expectile", "1.0"], "--expectile must be in (0, 1)"),
     (["--expectile", "0"], "--expectile must be in (0, 1)"),
     (["--value_expectile", "1"], "--value_expectile must be in (0, 1)"),
+    (["--judge_expectile", "0"], "--judge_expectile must be in (0, 1)"),
     (["--weight_temperature", "-0.1"], "--weight_temperature must be >= 0"),
     (["--max_timesteps", "0"], "--max_timesteps must be > 0"),
     (["--max_timesteps", "-5"], "--max_timesteps must be > 0"),
