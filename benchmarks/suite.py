@@ -87,10 +87,10 @@ from algos import experiment, simulator  # noqa: E402
 FRESH_SEED_BASE = 2_000_000   # training evaluates on 1_000_000+; the data uses other seeds
 SCORES_FILE = "suite_scores.json"
 PRESETS = {
-    "screen": {"image_size": 16, "n_samples": 5000, "max_timesteps": 1500, "score_every": 250, "eval_episodes": 50,
-               "jobs": 2},
+    "screen": {"image_size": 32, "n_samples": 6000, "max_timesteps": 800, "score_every": 200, "eval_episodes": 40,
+               "seeds": [0, 1], "jobs": 2},
     "full": {"image_size": 32, "n_samples": 20000, "max_timesteps": 3000, "score_every": 500, "eval_episodes": 100,
-             "jobs": 2},
+             "seeds": [0, 1, 2], "jobs": 2},
 }
 # The screen's dev split leaves out carry_dense: behaviour cloning of exactly its expert's
 # episodes scores about 0.16 at 32x32 (docs/experiments/2026-12-06.md), so a screen there
@@ -99,9 +99,10 @@ SCREEN_DEV_VARIANTS = ("reach_wrong40", "reach_sparse_short", "reach_hesitant")
 MIN_CHECKPOINTS_FOR_RANKS = 3
 # Settings that do not change what a run computes, or name where it is: not compared.
 NOT_COMPARED = ("ExpID", "log_dir", "device", "data_on_device", "overwrite", "resume", "load_model")
-# Speeds the start-up estimate assumes (per core, batch 64): LAPO 1.5 steps/s at 32x32,
-# about (32 / size)^0.75 times that at other sizes (1.7x measured at 16x16); BC 2x LAPO.
-LAPO_STEPS_PER_S_32, BC_SPEEDUP = 1.5, 2.0
+# Speeds the start-up estimate assumes (per job on its own core, batch 64): LAPO 0.87 steps/s
+# at 32x32 and 1.75 at 16x16 (two jobs side by side, measured), so about 32 / size times the
+# 32x32 speed; BC 2x LAPO.
+LAPO_STEPS_PER_S_32, BC_SPEEDUP = 0.87, 2.0
 
 
 # --------------------------------------------------------------------------- statistics
@@ -492,12 +493,12 @@ def criterion_by_step(folder):
     return out, name, criterion["better"] == "lower"
 
 
-def estimate_minutes(n_lapo, n_bc, steps, image_size, jobs, n_checkpoints, threads):
+def estimate_minutes(n_lapo, n_bc, steps, image_size, jobs, n_checkpoints, threads, episodes=50):
     """Wall minutes to train and score this many runs (see LAPO_STEPS_PER_S_32)."""
-    lapo = LAPO_STEPS_PER_S_32 * (32 / image_size) ** 0.75 * threads ** 0.5
+    lapo = LAPO_STEPS_PER_S_32 * (32 / image_size) * threads ** 0.5
     startup = 30   # seconds per run: start-up, offline evaluations, checkpoint writes
     train = n_lapo * (steps / lapo + startup) + n_bc * (steps / (BC_SPEEDUP * lapo) + startup)
-    scoring = (n_lapo + n_bc) * n_checkpoints * 8 * (image_size / 16) ** 1.5
+    scoring = (n_lapo + n_bc) * n_checkpoints * 8 * (image_size / 16) ** 1.5 * episodes / 50
     return (train + scoring) / 60 / jobs
 
 
@@ -512,14 +513,14 @@ def build_parser():
     which.add_argument("--variants", nargs="+", choices=list(simulator.VARIANTS), metavar="NAME",
                        help="these variants instead (any split; see create_dataset.py --list_variants)")
     a("--algos", nargs="+", default=["lapo", "bc"], choices=config_lib.ALGOS)
-    a("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    a("--n_samples", type=int, help="rows recorded per variant (screen 5000, full 20000)")
-    a("--image_size", type=int, help="image side in pixels (screen 16, full 32)")
-    a("--max_timesteps", type=int, help="training steps per run before --budget_multiplier (screen 1500, full 3000)")
+    a("--seeds", type=int, nargs="+", help="training seeds (screen 0 1, full 0 1 2)")
+    a("--n_samples", type=int, help="rows recorded per variant (screen 6000, full 20000)")
+    a("--image_size", type=int, help="image side in pixels (screen and full 32)")
+    a("--max_timesteps", type=int, help="training steps per run before --budget_multiplier (screen 800, full 3000)")
     a("--budget_multiplier", type=float, default=1.0, help="multiplies --max_timesteps, e.g. 3 (default: 1)")
     a("--score_every", type=int, help="steps between scored checkpoints (--save_freq and --eval_freq of "
-                                     "training; screen 250, full 500)")
-    a("--eval_episodes", type=int, help="fresh rollout episodes per checkpoint (screen 50, full 100)")
+                                     "training; screen 200, full 500)")
+    a("--eval_episodes", type=int, help="fresh rollout episodes per checkpoint (screen 40, full 100)")
     a("--train_eval_episodes", type=int, default=0,
       help="rollouts at each evaluation during training (default: 0, model_best by the offline criterion)")
     a("--jobs", type=int, help="training runs at a time (default: 2)")
@@ -628,7 +629,7 @@ def main(argv=None):
         commands.sort(key=lambda c: runs[c[0]]["algo"] != "lapo")   # the longest runs first
         n_lapo = sum(runs[n]["algo"] == "lapo" for n, _ in commands)
         estimate = estimate_minutes(n_lapo, len(commands) - n_lapo, steps, args.image_size, args.jobs,
-                                    steps // args.score_every, args.threads)
+                                    steps // args.score_every, args.threads, args.eval_episodes)
         print(f"Training {len(commands)} run(s), {args.jobs} at a time, {steps} steps each: about "
               f"{estimate:.0f} min with scoring (logs in {os.path.join(args.out, 'logs')})", flush=True)
         t_train = time.time()
