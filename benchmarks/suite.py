@@ -1,6 +1,6 @@
 """The benchmark suite: LAPO against behaviour cloning on every named variant of a split.
 
-    python benchmarks/suite.py --preset screen                       # dev reach variants, 3 seeds, about 80 min on 2 cores
+    python benchmarks/suite.py --preset screen                       # dev reach variants, 2 seeds, 32x32, under 90 min on 2 cores
     python benchmarks/suite.py --preset screen --lapo_extra "--weight_temperature 0.1"   # screen a candidate
     python benchmarks/suite.py --preset full --variants reach_wrong40          # the full setting, in parts:
     python benchmarks/suite.py --preset full --variants reach_sparse_short reach_hesitant carry_dense
@@ -51,15 +51,17 @@ screening candidates in one --out retrains only the runs they change. Do not run
 suites on overlapping variants in one --out at the same time.
 
 Presets (explicit flags override their values):
-  screen  16x16 images, 5000 rows, 1500 steps, a checkpoint every 250 steps, 50 rollout
-          episodes per checkpoint, --jobs 2; on --split dev, the three dev reach variants
-          (SCREEN_DEV_VARIANTS: carry_dense is left to the full preset). Estimate with 3 seeds (18 runs)
-          on 2 otherwise idle cores: LAPO at about 2.5 steps/s per core at 16x16 (1.5 at
-          32x32, 1.7x that measured at 16x16) is 9 runs of about 10.5 min (with start-up and
-          the offline evaluations); BC, 1.5x to 3x as fast, 9 runs of 4 to 7 min: 130 to 160
-          core-min of training, 65 to 80 min on 2 jobs; scoring 6 checkpoints a run at about
-          8 s each adds about 7 min (a run is scored in its own slot as it ends). About 80 min
-          in all (70 to 90); the suite prints its own estimate when it starts.
+  screen  32x32 images, 6000 rows, 800 steps, a checkpoint every 200 steps, 40 rollout
+          episodes per checkpoint, seeds 0 and 1, --jobs 2; on --split dev, the three dev reach
+          variants (SCREEN_DEV_VARIANTS: carry_dense is left to the full preset): 12 runs.
+          Not 16x16: there the policy imitates the kept expert poorly (test_kept_action_mse
+          0.29 against 0.15 at 32x32 on reach_wrong40 with the same kept share) and today's
+          defaults score 0.03-0.21, so a screen there compares what imitation cannot do.
+          800 steps covers the peak most runs reach (500-1000 steps); the late decline is the
+          full preset's (and --budget_multiplier's) to show. Time on 2 otherwise idle cores:
+          recording the three datasets about 4 min; LAPO at 0.87 steps/s a job (two side by
+          side), BC about twice that; measured SCREEN_MINUTES in all. A candidate screened in
+          the same --out (--lapo_extra) retrains only its 6 LAPO runs. --seeds 0 1 2 costs 1.5x.
   full    32x32 images, 20000 rows, 3000 steps, a checkpoint every 500 steps, 100 rollout
           episodes, --jobs 2 (the default preset). About 4 to 5 h per 3 variants
           with 3 seeds on 2 cores (the dev split has 4): run it in parts (--variants), then --skip_training.
@@ -88,9 +90,9 @@ FRESH_SEED_BASE = 2_000_000   # training evaluates on 1_000_000+; the data uses 
 SCORES_FILE = "suite_scores.json"
 PRESETS = {
     "screen": {"image_size": 32, "n_samples": 6000, "max_timesteps": 800, "score_every": 200, "eval_episodes": 40,
-               "seeds": [0, 1], "jobs": 2},
+               "seeds": [0, 1], "algos": ["lapo"], "jobs": 2},
     "full": {"image_size": 32, "n_samples": 20000, "max_timesteps": 3000, "score_every": 500, "eval_episodes": 100,
-             "seeds": [0, 1, 2], "jobs": 2},
+             "seeds": [0, 1, 2], "algos": ["lapo", "bc"], "jobs": 2},
 }
 # The screen's dev split leaves out carry_dense: behaviour cloning of exactly its expert's
 # episodes scores about 0.16 at 32x32 (docs/experiments/2026-12-06.md), so a screen there
@@ -512,7 +514,8 @@ def build_parser():
     which.add_argument("--split", choices=("dev", "test", "all"), default="dev", help="variants to run (default: dev)")
     which.add_argument("--variants", nargs="+", choices=list(simulator.VARIANTS), metavar="NAME",
                        help="these variants instead (any split; see create_dataset.py --list_variants)")
-    a("--algos", nargs="+", default=["lapo", "bc"], choices=config_lib.ALGOS)
+    a("--algos", nargs="+", choices=config_lib.ALGOS,
+      help="algorithms to train (screen: lapo, the candidate being chosen; full: lapo bc)")
     a("--seeds", type=int, nargs="+", help="training seeds (screen 0 1, full 0 1 2)")
     a("--n_samples", type=int, help="rows recorded per variant (screen 6000, full 20000)")
     a("--image_size", type=int, help="image side in pixels (screen and full 32)")
@@ -580,12 +583,17 @@ def selected_variants(args):
     return simulator.variant_names(None if args.split == "all" else args.split)
 
 
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+def apply_preset(args):
+    """Fill every setting not given on the command line from the named preset."""
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    return args
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = apply_preset(build_parser().parse_args(argv))
     args.out = os.path.abspath(args.out or os.path.join(ROOT, "bench_out", f"suite_{args.preset}"))
     steps = max(1, int(round(args.max_timesteps * args.budget_multiplier)))
     variants = selected_variants(args)

@@ -146,6 +146,19 @@ def test_offline_criteria_ranks_the_recorded_metrics_of_a_run(tmp_path, capsys):
     assert "-1.00" in rows["test_action_mse"] and "500: 0.20 | 1000: 0.90" in rows["test_action_mse"]
 
 
+def test_suite_presets_fill_only_what_the_command_line_leaves_out():
+    """The screen is LAPO alone, two seeds at 32x32 (at 16x16 the policy cannot imitate the
+    kept expert well enough to screen anything); the full preset LAPO and BC, three seeds;
+    explicit flags win."""
+    parse = suite.build_parser().parse_args
+    screen = suite.apply_preset(parse(["--preset", "screen"]))
+    assert (screen.seeds, screen.image_size, screen.algos) == ([0, 1], 32, ["lapo"])
+    full = suite.apply_preset(parse([]))
+    assert (full.preset, full.seeds, full.max_timesteps, full.algos) == ("full", [0, 1, 2], 3000, ["lapo", "bc"])
+    mine = suite.apply_preset(parse(["--preset", "screen", "--seeds", "4", "--image_size", "16"]))
+    assert (mine.seeds, mine.image_size, mine.max_timesteps) == ([4], 16, screen.max_timesteps)
+
+
 def test_suite_screen_runs_the_dev_reach_variants_and_full_runs_every_dev_variant():
     parse = suite.build_parser().parse_args
     assert suite.selected_variants(parse(["--preset", "screen"])) == list(suite.SCREEN_DEV_VARIANTS)
