@@ -53,15 +53,19 @@ suites on overlapping variants in one --out at the same time.
 Presets (explicit flags override their values):
   screen  32x32 images, 6000 rows, 800 steps, a checkpoint every 200 steps, 40 rollout
           episodes per checkpoint, seeds 0 and 1, --jobs 2; on --split dev, the three dev reach
-          variants (SCREEN_DEV_VARIANTS: carry_dense is left to the full preset): 12 runs.
+          variants (SCREEN_DEV_VARIANTS: carry_dense is left to the full preset): 6 runs.
           Not 16x16: there the policy imitates the kept expert poorly (test_kept_action_mse
           0.29 against 0.15 at 32x32 on reach_wrong40 with the same kept share) and today's
           defaults score 0.03-0.21, so a screen there compares what imitation cannot do.
-          800 steps covers the peak most runs reach (500-1000 steps); the late decline is the
-          full preset's (and --budget_multiplier's) to show. Time on 2 otherwise idle cores:
-          recording the three datasets about 4 min; LAPO at 0.87 steps/s a job (two side by
-          side), BC about twice that; measured SCREEN_MINUTES in all. A candidate screened in
-          the same --out (--lapo_extra) retrains only its 6 LAPO runs. --seeds 0 1 2 costs 1.5x.
+          800 steps: on a screen of today's defaults two of the three variants were still
+          climbing there, and the third (reach_hesitant) had already fallen; the late decline
+          is the full preset's (and --budget_multiplier's) to show. LAPO alone: it is the
+          candidate being chosen, and BC, the reference, does not change with it
+          (--algos lapo bc adds it, about half as long again). Measured on 2 otherwise idle
+          cores: 82 min in all (recording the three datasets 4 min, then 6 runs of 23 to 25
+          min at 0.52-0.61 steps/s each, two side by side, scoring included); on days when
+          this kind of machine runs LAPO at 0.87 steps/s, about 60 min. A candidate screened
+          in the same --out (--lapo_extra) reuses the datasets. --seeds 0 1 2 costs 1.5x.
   full    32x32 images, 20000 rows, 3000 steps, a checkpoint every 500 steps, 100 rollout
           episodes, --jobs 2 (the default preset). About 4 to 5 h per 3 variants
           with 3 seeds on 2 cores (the dev split has 4): run it in parts (--variants), then --skip_training.
@@ -101,10 +105,12 @@ SCREEN_DEV_VARIANTS = ("reach_wrong40", "reach_sparse_short", "reach_hesitant")
 MIN_CHECKPOINTS_FOR_RANKS = 3
 # Settings that do not change what a run computes, or name where it is: not compared.
 NOT_COMPARED = ("ExpID", "log_dir", "device", "data_on_device", "overwrite", "resume", "load_model")
-# Speeds the start-up estimate assumes (per job on its own core, batch 64): LAPO 0.87 steps/s
-# at 32x32 and 1.75 at 16x16 (two jobs side by side, measured), so about 32 / size times the
-# 32x32 speed; BC 2x LAPO.
-LAPO_STEPS_PER_S_32, BC_SPEEDUP = 0.87, 2.0
+# Speeds the start-up estimate assumes (per job on its own core, two jobs side by side, batch
+# 64): LAPO at 32x32 0.52-0.61 steps/s measured in the screen of docs/experiments/2026-12-06.md
+# (twenty-first session) and 0.8-0.9 on other days on the same kind of machine: the lower
+# figure, so the estimate errs long; about 32 / size times that at other sizes (2.0x measured
+# at 16x16); BC 2x LAPO.
+LAPO_STEPS_PER_S_32, BC_SPEEDUP = 0.6, 2.0
 
 
 # --------------------------------------------------------------------------- statistics
