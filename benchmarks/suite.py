@@ -67,8 +67,9 @@ Presets (explicit flags override their values):
           this kind of machine runs LAPO at 0.87 steps/s, about 60 min. A candidate screened
           in the same --out (--lapo_extra) reuses the datasets. --seeds 0 1 2 costs 1.5x.
   full    32x32 images, 20000 rows, 3000 steps, a checkpoint every 500 steps, 100 rollout
-          episodes, --jobs 2 (the default preset). About 4 to 5 h per 3 variants
-          with 3 seeds on 2 cores (the dev split has 4): run it in parts (--variants), then --skip_training.
+          episodes, seeds 0 1 2, LAPO and BC, --jobs 2 (the default preset). About 7 to 10 h
+          per 3 variants on 2 cores (the start-up estimate at 0.87 and 0.6 LAPO steps/s; the
+          dev split has 4): run it in parts (--variants), then --skip_training.
 """
 import argparse
 import hashlib
