@@ -57,8 +57,8 @@ Presets (explicit flags override their values):
           Not 16x16: there the policy imitates the kept expert poorly (test_kept_action_mse
           0.29 against 0.15 at 32x32 on reach_wrong40 with the same kept share) and today's
           defaults score 0.03-0.21, so a screen there compares what imitation cannot do.
-          800 steps: on a screen of today's defaults two of the three variants were still
-          climbing there, and the third (reach_hesitant) had not yet learnt; the late decline
+          800 steps: on a screen of today's defaults reach_wrong40 was still climbing there,
+          reach_sparse_short level from step 600, reach_hesitant not yet learning; the late decline
           is the full preset's (and --budget_multiplier's) to show. LAPO alone: it is the
           candidate being chosen, and BC, the reference, does not change with it
           (--algos lapo bc adds it, about half as long again). Measured on 2 otherwise idle
