@@ -512,6 +512,13 @@ def estimate_minutes(n_lapo, n_bc, steps, image_size, jobs, n_checkpoints, threa
 
 
 # --------------------------------------------------------------------------- main
+def preset_values(key):
+    """'screen X, full Y': each preset's value of a setting, for --help."""
+    def text(value):
+        return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+    return ", ".join(f"{name} {text(values[key])}" for name, values in PRESETS.items())
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -522,18 +529,19 @@ def build_parser():
     which.add_argument("--variants", nargs="+", choices=list(simulator.VARIANTS), metavar="NAME",
                        help="these variants instead (any split; see create_dataset.py --list_variants)")
     a("--algos", nargs="+", choices=config_lib.ALGOS,
-      help="algorithms to train (screen: lapo, the candidate being chosen; full: lapo bc)")
-    a("--seeds", type=int, nargs="+", help="training seeds (screen 0 1, full 0 1 2)")
-    a("--n_samples", type=int, help="rows recorded per variant (screen 6000, full 20000)")
-    a("--image_size", type=int, help="image side in pixels (screen and full 32)")
-    a("--max_timesteps", type=int, help="training steps per run before --budget_multiplier (screen 800, full 3000)")
+      help=f"algorithms to train ({preset_values('algos')}; the screen's is the candidate being chosen)")
+    a("--seeds", type=int, nargs="+", help=f"training seeds ({preset_values('seeds')})")
+    a("--n_samples", type=int, help=f"rows recorded per variant ({preset_values('n_samples')})")
+    a("--image_size", type=int, help=f"image side in pixels ({preset_values('image_size')})")
+    a("--max_timesteps", type=int,
+      help=f"training steps per run before --budget_multiplier ({preset_values('max_timesteps')})")
     a("--budget_multiplier", type=float, default=1.0, help="multiplies --max_timesteps, e.g. 3 (default: 1)")
     a("--score_every", type=int, help="steps between scored checkpoints (--save_freq and --eval_freq of "
-                                     "training; screen 200, full 500)")
-    a("--eval_episodes", type=int, help="fresh rollout episodes per checkpoint (screen 40, full 100)")
+                                     f"training; {preset_values('score_every')})")
+    a("--eval_episodes", type=int, help=f"fresh rollout episodes per checkpoint ({preset_values('eval_episodes')})")
     a("--train_eval_episodes", type=int, default=0,
       help="rollouts at each evaluation during training (default: 0, model_best by the offline criterion)")
-    a("--jobs", type=int, help="training runs at a time (default: 2)")
+    a("--jobs", type=int, help=f"training runs at a time ({preset_values('jobs')})")
     a("--threads", type=int, default=1, help="threads per run, OMP_NUM_THREADS (default: 1)")
     a("--device", default="cpu", help="--device of the training runs (default: cpu); rollouts run on the cpu")
     a("--extra", default="", help="extra flags for main_multimodal.py, both algorithms, in quotes "
