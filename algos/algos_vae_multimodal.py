@@ -854,7 +854,8 @@ class MultimodalLatent(MultimodalAgent):
 
     def _critic_targets(self, feature, next_feature, reward, discount, action, observed_return=None, fold=None):
         """target_Q = r + discount * V(s'); target_V = Q_target at the data's ``action`` or the
-        policy's (``_target_value``); both in [min_v, max_v].
+        policy's (``_target_value``), or with ``value_fit="return"`` target_Q itself; both in
+        [min_v, max_v].
 
         V(s') comes from the current critic, as in the original LAPO code (critic.v(next_state)):
         with a target V here too, every backup would wait on two lagging targets in a row.
@@ -866,7 +867,10 @@ class MultimodalLatent(MultimodalAgent):
         target_Q = reward + discount * self.critic.v(next_feature, fold)
         if self.config.return_bound and observed_return is not None:
             target_Q = torch.maximum(target_Q, observed_return)
-        target_V = self._target_value(feature, action)
+        if self.config.value_fit == "return" and self.config.value_target == "data":
+            target_V = target_Q
+        else:
+            target_V = self._target_value(feature, action)
         return target_Q.clamp(self.min_v, self.max_v), target_V.clamp(self.min_v, self.max_v)
 
     def _value_loss(self, current_V, target_V):

@@ -100,6 +100,11 @@ class TrainConfig:
                                           "returns from a state that the judge heads fit: the bar an episode's "
                                           "return must clear to be kept (0.5: better than the data's mean)",
                                      "algorithm", unit_interval="()")
+    value_fit: str = setting("q", "what V fits at --value_expectile: the target critic's Q at the data's own "
+                                  "actions (q, IQL's), or the same n-step target Q fits (return: the data's "
+                                  "return, bounded below by the observed one, with no target network between it "
+                                  "and V, so V and the episode filter's judgements settle sooner)", "algorithm",
+                             choices=("q", "return"))
     value_expectile: float = setting(0.7, "expectile of Q over the data's own actions that V fits (IQL's)",
                                      "algorithm", unit_interval="()")
     weight_temperature: float = setting(0.05, "CVAE weights exp(A / this), clipped at 100, in units of the "
@@ -213,7 +218,7 @@ SEED_FIELDS = ("seed",)   # the split of episodes depends on it: fixed on resume
 
 # Settings added after checkpoint format 2, with the value a run made before them was trained
 # with (each was off until it existed): its checkpoints and params.json lack them.
-SETTINGS_ADDED_SINCE_FORMAT = {"episode_judge": "critic", "judge_expectile": 0.9}
+SETTINGS_ADDED_SINCE_FORMAT = {"episode_judge": "critic", "judge_expectile": 0.9, "value_fit": "q"}
 # Settings taken out after format 2 because their measurements lost, with their "off" value: a
 # run made with one off is a run of this version; one made with it on cannot be rebuilt.
 SETTINGS_REMOVED_SINCE_FORMAT = {"encoder_bc_rows": 0, "image_coords": False, "value_return_bound": False,
