@@ -343,6 +343,27 @@ def test_observed_return_bounds_the_q_target_from_below(tiny_dataset, return_bou
     assert target_Q.squeeze(1).tolist() == pytest.approx(expected)
 
 
+def test_value_fit_return_fits_v_to_the_q_target_not_the_target_critic(tiny_dataset):
+    """--value_fit return: V's target is target_Q itself (the n-step return bounded below by the
+    observed one), whatever the target critic says; the default fits V to the target critic's Q."""
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), train_test_split=0.8,
+                                          seed=0)
+    targets = {}
+    for value_fit in ("q", "return"):
+        agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu",
+                                       value_fit=value_fit)
+        agent.critic_target = lambda feature, action: (torch.full_like(action[:, :1], 0.25),) * 2
+        with torch.no_grad():
+            agent.critic.v_net[-1].weight.zero_()
+            agent.critic.v_net[-1].bias.fill_(0.0)   # V(s') = 0: the n-step target is r, or the observed return
+            feature = torch.zeros(2, 32)
+            targets[value_fit] = agent._critic_targets(feature, feature, torch.tensor([[0.1], [0.2]]), torch.ones(2, 1),
+                                                       torch.zeros(2, agent.action_dim), torch.tensor([[0.5], [0.0]]))
+    assert targets["q"][1].squeeze(1).tolist() == pytest.approx([0.25, 0.25])
+    assert targets["return"][0].squeeze(1).tolist() == pytest.approx([0.5, 0.2])
+    torch.testing.assert_close(targets["return"][1], targets["return"][0])
+
+
 # --------------------------------------------------------------------------- no clobbering
 def test_two_exp_ids_never_share_files(tmp_path, tiny_dataset):
     for exp in ("p", "q"):
