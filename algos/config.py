@@ -216,12 +216,17 @@ TRAINED_GROUPS = ("data", "model", "algorithm")
 SEED_FIELDS = ("seed",)   # the split of episodes depends on it: fixed on resume as well
 
 
-# Settings added after checkpoint format 2, with the value a run made before them was trained
-# with (each was off until it existed): its checkpoints and params.json lack them.
-SETTINGS_ADDED_SINCE_FORMAT = {"episode_judge": "critic", "judge_expectile": 0.9, "value_fit": "q"}
-# Settings taken out after format 2 because their measurements lost, with their "off" value: a
+# Settings of the algorithm added since --original_lapo replaced the separate on/off switches
+# (2026-12-04; format-2 checkpoints older than that are refused, naming what they lack), with
+# the value a run made before each was trained with (each was off until it existed). Settings
+# of the "run" group (bookkeeping, free to change on resume) that a stored run lacks take this
+# version's defaults.
+SETTINGS_ADDED_SINCE_FORMAT = {"feature_dropout": 0.0, "filter_band": 0.0, "episode_judge": "critic",
+                               "judge_expectile": 0.9, "value_fit": "q"}
+# Settings taken out since then because their measurements lost, with their "off" value: a
 # run made with one off is a run of this version; one made with it on cannot be rebuilt.
-SETTINGS_REMOVED_SINCE_FORMAT = {"encoder_bc_rows": 0, "image_coords": False, "value_return_bound": False,
+SETTINGS_REMOVED_SINCE_FORMAT = {"filter_margin": 0.0, "kept_share": "positive", "joint_noise": 0.0,
+                                 "encoder_bc_rows": 0, "image_coords": False, "value_return_bound": False,
                                  "critic_only_encoder": False}
 
 
@@ -235,7 +240,8 @@ def settings_of_this_version(stored):
         raise ValueError(f"trained with {', '.join(on)}, a setting this version no longer has "
                          f"(its measurements lost; see docs/experiments/)")
     kept = {k: v for k, v in stored.items() if k not in SETTINGS_REMOVED_SINCE_FORMAT}
-    return {**SETTINGS_ADDED_SINCE_FORMAT, **kept}
+    bookkeeping = {f.name: f.default for f in fields(TrainConfig) if f.metadata["group"] == "run"}
+    return {**bookkeeping, **SETTINGS_ADDED_SINCE_FORMAT, **kept}
 
 
 def field_names():

@@ -211,17 +211,20 @@ def test_trunk_computes_torchvisions_resnet18_with_the_same_state_dict(size):
 
 def test_a_checkpoint_written_before_a_setting_existed_loads_with_its_earlier_value(lapo, tmp_path, monkeypatch):
     """A setting added after the checkpoint format takes, in an older checkpoint that lacks
-    it, the value it had before it existed; a setting older than the format that is missing
-    is refused by name."""
+    it, the value it had before it existed (filter_band: 0, today 0.1); a missing bookkeeping
+    setting takes today's default; a setting older than the format that is missing is refused
+    by name."""
     lapo.save("model_1", str(tmp_path))
     path = tmp_path / "model_1.pth"
     ckpt = torch.load(path, weights_only=True)
-    del ckpt["config"]["image_shift"]
+    for name in ("image_shift", "filter_band", "keep_last", "data_mode"):
+        del ckpt["config"][name]
     torch.save(ckpt, path)
     with pytest.raises(algos.CheckpointError, match="image_shift"):
         algos.MultimodalLatent.from_checkpoint(str(path), device="cpu")
-    monkeypatch.setattr(algos.config_lib, "SETTINGS_ADDED_SINCE_FORMAT", {"image_shift": 0})
-    assert algos.MultimodalLatent.from_checkpoint(str(path), device="cpu").config.image_shift == 0
+    monkeypatch.setitem(algos.config_lib.SETTINGS_ADDED_SINCE_FORMAT, "image_shift", 0)
+    config = algos.MultimodalLatent.from_checkpoint(str(path), device="cpu").config
+    assert (config.image_shift, config.filter_band, config.keep_last, config.data_mode) == (0, 0.0, 1, "auto")
 
 
 def test_a_checkpoint_of_a_setting_taken_out_loads_when_it_was_off_and_is_refused_by_name_when_on(lapo, tmp_path):
