@@ -842,20 +842,23 @@ class MultimodalLatent(MultimodalAgent):
     def _target_value(self, feature, action):
         """V target at s: the target critic's Q at the policy's action (``value_target="policy"``,
         LAPO's: a~ = decode_target(s, actor_target(s) + clipped noise)), or at the data's own
-        action (``"data"``, IQL's; V is then fitted by an upper expectile, see ``_value_loss``)."""
+        action (``"data"``, IQL's; V is then fitted by an upper expectile, see ``_value_loss``),
+        there by the target critic or with ``value_fit="q"`` the online one."""
+        critic = self.critic_target
         if self.config.value_target == "policy":
             latent_action = self.actor_target(feature)
             if not self.config.no_noise:
                 latent_action = latent_action + (torch.randn_like(latent_action) * 0.1).clamp(-0.2, 0.2)
             action = self.actor_vae_target.decode(feature, latent_action)
-        target_q1, target_q2 = self.critic_target(feature, action)
+        elif self.config.value_fit == "q":
+            critic = self.critic
+        target_q1, target_q2 = critic(feature, action)
         doubleq_min = self.config.doubleq_min
         return doubleq_min * torch.min(target_q1, target_q2) + (1 - doubleq_min) * torch.max(target_q1, target_q2)
 
     def _critic_targets(self, feature, next_feature, reward, discount, action, observed_return=None, fold=None):
         """target_Q = r + discount * V(s'); target_V = Q_target at the data's ``action`` or the
-        policy's (``_target_value``), or with ``value_fit="return"`` target_Q itself; both in
-        [min_v, max_v].
+        policy's (``_target_value``); both in [min_v, max_v].
 
         V(s') comes from the current critic, as in the original LAPO code (critic.v(next_state)):
         with a target V here too, every backup would wait on two lagging targets in a row.
@@ -867,10 +870,7 @@ class MultimodalLatent(MultimodalAgent):
         target_Q = reward + discount * self.critic.v(next_feature, fold)
         if self.config.return_bound and observed_return is not None:
             target_Q = torch.maximum(target_Q, observed_return)
-        if self.config.value_fit == "return" and self.config.value_target == "data":
-            target_V = target_Q
-        else:
-            target_V = self._target_value(feature, action)
+        target_V = self._target_value(feature, action)
         return target_Q.clamp(self.min_v, self.max_v), target_V.clamp(self.min_v, self.max_v)
 
     def _value_loss(self, current_V, target_V):

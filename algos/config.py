@@ -100,11 +100,11 @@ class TrainConfig:
                                           "returns from a state that the judge heads fit: the bar an episode's "
                                           "return must clear to be kept (0.5: better than the data's mean)",
                                      "algorithm", unit_interval="()")
-    value_fit: str = setting("q", "what V fits at --value_expectile: the target critic's Q at the data's own "
-                                  "actions (q, IQL's), or the same n-step target Q fits (return: the data's "
-                                  "return, bounded below by the observed one, with no target network between it "
-                                  "and V, so V and the episode filter's judgements settle sooner)", "algorithm",
-                             choices=("q", "return"))
+    value_fit: str = setting("target_q", "which critic's Q at the data's own actions V fits at --value_expectile: "
+                                         "the target critic's (target_q, IQL's), or the online critic's (q: no "
+                                         "Polyak lag between the returns Q fits and V, so V and the episode "
+                                         "filter's judgements settle sooner)", "algorithm",
+                             choices=("target_q", "q"))
     value_expectile: float = setting(0.7, "expectile of Q over the data's own actions that V fits (IQL's)",
                                      "algorithm", unit_interval="()")
     weight_temperature: float = setting(0.05, "CVAE weights exp(A / this), clipped at 100, in units of the "
@@ -222,7 +222,7 @@ SEED_FIELDS = ("seed",)   # the split of episodes depends on it: fixed on resume
 # of the "run" group (bookkeeping, free to change on resume) that a stored run lacks take this
 # version's defaults.
 SETTINGS_ADDED_SINCE_FORMAT = {"feature_dropout": 0.0, "filter_band": 0.0, "episode_judge": "critic",
-                               "judge_expectile": 0.9, "value_fit": "q"}
+                               "judge_expectile": 0.9, "value_fit": "target_q"}
 # Settings taken out since then because their measurements lost, with their "off" value: a
 # run made with one off is a run of this version; one made with it on cannot be rebuilt.
 SETTINGS_REMOVED_SINCE_FORMAT = {"filter_margin": 0.0, "kept_share": "positive", "joint_noise": 0.0,

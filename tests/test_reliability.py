@@ -343,25 +343,22 @@ def test_observed_return_bounds_the_q_target_from_below(tiny_dataset, return_bou
     assert target_Q.squeeze(1).tolist() == pytest.approx(expected)
 
 
-def test_value_fit_return_fits_v_to_the_q_target_not_the_target_critic(tiny_dataset):
-    """--value_fit return: V's target is target_Q itself (the n-step return bounded below by the
-    observed one), whatever the target critic says; the default fits V to the target critic's Q."""
+def test_value_fit_chooses_the_critic_whose_q_v_fits(tiny_dataset):
+    """V's target is Q at the data's action: the target critic's by default, the online
+    critic's with --value_fit q."""
     buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), train_test_split=0.8,
                                           seed=0)
-    targets = {}
-    for value_fit in ("q", "return"):
+    for value_fit, expected in (("target_q", 0.25), ("q", 0.75)):
         agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu",
                                        value_fit=value_fit)
         agent.critic_target = lambda feature, action: (torch.full_like(action[:, :1], 0.25),) * 2
+        agent.critic = lambda feature, action: (torch.full_like(action[:, :1], 0.75),) * 2
+        agent.critic.v = lambda feature, fold=None: torch.zeros(len(feature), 1)
+        feature = torch.zeros(2, 32)
         with torch.no_grad():
-            agent.critic.v_net[-1].weight.zero_()
-            agent.critic.v_net[-1].bias.fill_(0.0)   # V(s') = 0: the n-step target is r, or the observed return
-            feature = torch.zeros(2, 32)
-            targets[value_fit] = agent._critic_targets(feature, feature, torch.tensor([[0.1], [0.2]]), torch.ones(2, 1),
-                                                       torch.zeros(2, agent.action_dim), torch.tensor([[0.5], [0.0]]))
-    assert targets["q"][1].squeeze(1).tolist() == pytest.approx([0.25, 0.25])
-    assert targets["return"][0].squeeze(1).tolist() == pytest.approx([0.5, 0.2])
-    torch.testing.assert_close(targets["return"][1], targets["return"][0])
+            _, target_V = agent._critic_targets(feature, feature, torch.zeros(2, 1), torch.ones(2, 1),
+                                                torch.zeros(2, agent.action_dim))
+        assert target_V.squeeze(1).tolist() == pytest.approx([expected, expected]), value_fit
 
 
 # --------------------------------------------------------------------------- no clobbering
