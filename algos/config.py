@@ -240,7 +240,8 @@ def settings_of_this_version(stored):
         raise ValueError(f"trained with {', '.join(on)}, a setting this version no longer has "
                          f"(its measurements lost; see docs/experiments/)")
     kept = {k: v for k, v in stored.items() if k not in SETTINGS_REMOVED_SINCE_FORMAT}
-    bookkeeping = {f.name: f.default for f in fields(TrainConfig) if f.metadata["group"] == "run"}
+    bookkeeping = {f.name: f.default for f in fields(TrainConfig)
+                   if f.metadata["group"] == "run" and f.name not in SEED_FIELDS}
     return {**bookkeeping, **SETTINGS_ADDED_SINCE_FORMAT, **kept}
 
 
