@@ -298,13 +298,15 @@ class LatentActor(nn.Module):
 
 class Critic(nn.Module):
     """Twin Q(feature, action) and V(feature); V has one head per fold of the training
-    episodes (``value_folds``), each fitted on its own fold's rows only."""
+    episodes (``value_folds``), each fitted on its own fold's rows only. With ``judge_heads``,
+    a second V of that many heads, the episode filter's judge (``--episode_judge uniform``)."""
 
-    def __init__(self, feature_dim, action_dim, value_folds=1):
+    def __init__(self, feature_dim, action_dim, value_folds=1, judge_heads=0):
         super().__init__()
         self.q1_net = mlp(feature_dim + action_dim, 1)
         self.q2_net = mlp(feature_dim + action_dim, 1)
         self.v_net = mlp(feature_dim, value_folds)
+        self.judge_v_net = mlp(feature_dim, judge_heads) if judge_heads else None
 
     def forward(self, feature, action):
         x = torch.cat([feature, action], 1)
@@ -315,8 +317,21 @@ class Critic(nn.Module):
 
     def v(self, feature, fold=None):
         """V of each row from the head of its ``fold`` ([B] long), or the mean of the heads."""
-        values = self.v_net(feature)
+        return self._head(self.v_net(feature), fold)
+
+    def judge_v(self, feature, fold=None):
+        """The judging V's value of each row, as ``v``."""
+        return self._head(self.judge_v_net(feature), fold)
+
+    @staticmethod
+    def _head(values, fold):
         return values.mean(1, keepdim=True) if fold is None else values.gather(1, fold.view(-1, 1))
+
+
+def expectile_loss(error, expectile):
+    """The expectile regression loss of ``error`` = target - prediction (x 2, so that 0.5 is
+    the MSE): minimised by the ``expectile`` of the targets."""
+    return 2 * (torch.where(error > 0, expectile, 1 - expectile) * error.pow(2)).mean()
 
 
 def soft_update(net, target, tau):
@@ -791,7 +806,8 @@ class MultimodalLatent(MultimodalAgent):
         self.actor_target = frozen_copy(self.actor)
         self.actor_optimizer = adam(self.actor.parameters(), c.actor_lr, dev)
 
-        self.critic = Critic(f, a, c.value_heads).to(dev)
+        judge_heads = c.value_heads if c.episode_filter and c.episode_judge == "uniform" else 0
+        self.critic = Critic(f, a, c.value_heads, judge_heads).to(dev)
         self.critic_target = frozen_copy(self.critic)
         self.critic_optimizer = adam(self.critic.parameters(), c.critic_lr, dev)
         # only the policy acts through it: training encodes with the online encoder
@@ -880,9 +896,7 @@ class MultimodalLatent(MultimodalAgent):
         it cannot climb with the latent actor the way Q at the policy's action does."""
         if self.config.value_target == "policy":
             return F.mse_loss(current_V, target_V)
-        error = target_V - current_V
-        expectile = self.config.value_expectile
-        return 2 * (torch.where(error > 0, expectile, 1 - expectile) * error.pow(2)).mean()
+        return expectile_loss(target_V - current_V, self.config.value_expectile)
 
     def _advantage_weight(self, advantage, episode_advantage=None, kept=None):
         """CVAE weight of each sample: ``exp(A / weight_temperature)`` clipped at
@@ -975,8 +989,9 @@ class MultimodalLatent(MultimodalAgent):
                 next_feature = self._encode(batch.next_images, batch.next_joint)
             # with value_folds > 1, by a V head that never fitted this episode: a head that fitted
             # it tends to the episode's own return, and its judgement then drifts to 0
+            value = self.critic.judge_v if self.config.episode_judge == "uniform" else self.critic.v
             advantage = self._advantage(feature.float(), next_feature.float(), batch.reward, batch.discount,
-                                        self._fold(batch.episode, offset=1))
+                                        self._fold(batch.episode, offset=1), value)
             return batch.episode, advantage.squeeze(1)
         # --episode_judge thumbnail: the same n-step advantage, by the judge head of the other fold
         episode_return, value = self._judge_target_and_value(batch, offset=1)
@@ -1003,9 +1018,7 @@ class MultimodalLatent(MultimodalAgent):
         to the kept episodes rises to their own returns, their judgements drift to 0 and the
         filter drains; fitted to all of them it stays between the best operator and the rest."""
         target, value = self._judge_target_and_value(batch)
-        error = target - value
-        expectile = self.config.judge_expectile
-        loss = 2 * (torch.where(error > 0, expectile, 1 - expectile) * error.pow(2)).mean()
+        loss = expectile_loss(target - value, self.config.judge_expectile)
         self.judge_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.judge_optimizer.step()
@@ -1021,11 +1034,12 @@ class MultimodalLatent(MultimodalAgent):
             self.episode_advantage = state["episode_advantage"].to(self.device)
             self.episode_kept = state["episode_kept"].to(self.device)
 
-    def _advantage(self, feature, next_feature, reward, discount, fold=None):
-        """A = clamp(r + discount * V(s')) - clamp(V(s)) with the current critic (V's head of
-        ``fold``, or the mean of the heads)."""
-        q_action = (reward + discount * self.critic.v(next_feature, fold)).clamp(self.min_v, self.max_v)
-        return q_action - self.critic.v(feature, fold).clamp(self.min_v, self.max_v)
+    def _advantage(self, feature, next_feature, reward, discount, fold=None, value=None):
+        """A = clamp(r + discount * V(s')) - clamp(V(s)) with the current critic's ``value``
+        (default its V; the head of ``fold``, or the mean of the heads)."""
+        value = value or self.critic.v
+        q_action = (reward + discount * value(next_feature, fold)).clamp(self.min_v, self.max_v)
+        return q_action - value(feature, fold).clamp(self.min_v, self.max_v)
 
     def _fold(self, episode, offset=0):
         """The V head of each row's episode (its own fold, or with ``offset`` the next one);
@@ -1068,6 +1082,12 @@ class MultimodalLatent(MultimodalAgent):
         current_V = self.critic.v(feature, fold)
         critic_loss = (F.mse_loss(current_Q1, target_Q) + F.mse_loss(current_Q2, target_Q)
                        + self._value_loss(current_V, target_V))
+        if self.critic.judge_v_net is not None:
+            # the judging V: the same target, on the rows drawn uniformly (the batch's first ones;
+            # see _sample_batch), so the bar an episode must clear does not follow the filter
+            uniform = batch.action.shape[0] - int(round(self.config.kept_batch_frac * batch.action.shape[0]))
+            judge_V = self.critic.judge_v(feature[:uniform], None if fold is None else fold[:uniform])
+            critic_loss = critic_loss + expectile_loss(target_V[:uniform] - judge_V, self.config.judge_expectile)
         self.critic_optimizer.zero_grad(set_to_none=True)
         critic_loss.backward()
         self.critic_optimizer.step()

@@ -94,10 +94,13 @@ class TrainConfig:
                                          "never see the filter's choice, so the head that judges an episode "
                                          "knows nothing of it, where the critic's heads share an encoder "
                                          "trained on the kept episodes; screened on dev variants, not yet "
-                                         "the default, see docs/design.md)", "algorithm",
-                                 choices=("critic", "thumbnail"))
-    judge_expectile: float = setting(0.9, "with --episode_judge thumbnail, the expectile of every operator's "
-                                          "returns from a state that the judge heads fit: the bar an episode's "
+                                         "the default, see docs/design.md), or a second set of V heads on the "
+                                         "critic's features fitted only on the uniform rows of each batch "
+                                         "(uniform: needs --kept_batch_frac below 1; a bar the filter's "
+                                         "choice cannot move, on features that see the whole scene)",
+                                 "algorithm", choices=("critic", "thumbnail", "uniform"))
+    judge_expectile: float = setting(0.9, "with --episode_judge thumbnail or uniform, the expectile of every "
+                                          "operator's returns from a state that the judge heads fit: the bar an episode's "
                                           "return must clear to be kept (0.5: better than the data's mean)",
                                      "algorithm", unit_interval="()")
     value_fit: str = setting("target_q", "which critic's Q at the data's own actions V fits at --value_expectile: "
@@ -308,6 +311,9 @@ def problems(config):
     for name in ("weight_temperature", "kl_beta", "filter_band", "eval_episodes", "image_shift", "keep_last"):
         if getattr(config, name) < 0:
             out.append(f"--{name} must be >= 0, got {getattr(config, name)}")
+    if config.episode_judge == "uniform" and not config.kept_batch_frac < 1:
+        out.append("--episode_judge uniform fits its heads on the uniform rows of each batch: "
+                   f"it needs --kept_batch_frac below 1, got {config.kept_batch_frac}")
     if config.resume and config.load_model:
         out.append("--resume and --load_model are exclusive")
     if config.overwrite and (config.resume or config.load_model):
