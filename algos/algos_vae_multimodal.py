@@ -813,9 +813,10 @@ class MultimodalLatent(MultimodalAgent):
         # only the policy acts through it: training encodes with the online encoder
         self.encoder_target = frozen_copy(self.encoder) if c.polyak_acting else None
         self.judge = None
-        if c.episode_filter and c.episode_judge == "thumbnail":
+        if c.episode_filter and c.episode_judge in ("thumbnail", "features"):
             # one small V head per fold, each fitted on its own fold's rows (_update_judge)
-            judge_in = len(IMAGE_KEYS) * 3 * THUMBNAIL_SIZE ** 2 + self.joint_dim
+            judge_in = (len(IMAGE_KEYS) * 3 * THUMBNAIL_SIZE ** 2 + self.joint_dim if c.episode_judge == "thumbnail"
+                        else f)
             self.judge = nn.ModuleList([mlp(judge_in, 1, (64, 64)) for _ in range(c.value_heads)]).to(dev)
             self.judge_optimizer = adam(self.judge.parameters(), c.critic_lr, dev)
 
@@ -1002,8 +1003,19 @@ class MultimodalLatent(MultimodalAgent):
         rows (each row's own fold's head, or with ``offset`` the next fold's)."""
         with torch.no_grad():
             target = (batch.reward.squeeze(1) + batch.discount.squeeze(1) * self._judge_value(
-                thumbnail(batch.next_images, batch.next_joint), batch.episode, offset)).clamp(self.min_v, self.max_v)
-        return target, self._judge_value(thumbnail(batch.images, batch.joint), batch.episode, offset)
+                self._judge_input(batch.next_images, batch.next_joint), batch.episode, offset)
+                      ).clamp(self.min_v, self.max_v)
+            judge_input = self._judge_input(batch.images, batch.joint)
+        return target, self._judge_value(judge_input, batch.episode, offset)
+
+    @torch.no_grad()
+    def _judge_input(self, images, joint):
+        """What the judge heads read: 8x8 thumbnails and the joint vector (``thumbnail``), or
+        the current encoder's features, which the judge's loss does not train (``features``)."""
+        if self.config.episode_judge == "thumbnail":
+            return thumbnail(images, joint)
+        with self._autocast():
+            return self._encode(images, joint).float()
 
     def _judge_value(self, judge_input, episode, offset=0):
         """The judge heads' value at these rows: each row's own fold's head, or with

@@ -97,11 +97,14 @@ class TrainConfig:
                                          "the default, see docs/design.md), or a second set of V heads on the "
                                          "critic's features fitted only on the uniform rows of each batch "
                                          "(uniform: needs --kept_batch_frac below 1; a bar the filter's "
-                                         "choice cannot move, on features that see the whole scene)",
-                                 "algorithm", choices=("critic", "thumbnail", "uniform"))
-    judge_expectile: float = setting(0.9, "with --episode_judge thumbnail or uniform, the expectile of every "
-                                          "operator's returns from a state that the judge heads fit: the bar an episode's "
-                                          "return must clear to be kept (0.5: better than the data's mean)",
+                                         "choice cannot move, on features that see the whole scene), or the "
+                                         "thumbnail judge's heads reading the encoder's features instead, which "
+                                         "their loss does not train (features)",
+                                 "algorithm", choices=("critic", "thumbnail", "uniform", "features"))
+    judge_expectile: float = setting(0.9, "with --episode_judge thumbnail, uniform or features, the expectile "
+                                          "of every operator's returns from a state that the judge heads fit: "
+                                          "the bar an episode's return must clear to be kept (0.5: better than "
+                                          "the data's mean)",
                                      "algorithm", unit_interval="()")
     value_fit: str = setting("target_q", "which critic's Q at the data's own actions V fits at --value_expectile: "
                                          "the target critic's (target_q, IQL's), or the online critic's (q: no "

@@ -58,8 +58,8 @@ def judge(agent, buffer, episode_ids):
         episode, advantage = agent._judge(first_rows, buffer)
         batch = buffer.gather(first_rows)
         out.append(advantage)
-        if getattr(agent, "judge", None) is not None:   # --episode_judge thumbnail: its heads' value
-            values.append(agent._judge_value(algos.thumbnail(batch.images, batch.joint), episode, offset=1))
+        if getattr(agent, "judge", None) is not None:   # --episode_judge thumbnail or features: its heads' value
+            values.append(agent._judge_value(agent._judge_input(batch.images, batch.joint), episode, offset=1))
         else:   # the critic's V, or with --episode_judge uniform its judging V
             feature = agent.encoder(batch.images, batch.joint)
             value = agent.critic.judge_v if agent.critic.judge_v_net is not None else agent.critic.v
