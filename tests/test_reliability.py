@@ -433,22 +433,26 @@ def test_every_training_episode_is_judged_at_its_first_row(tiny_dataset):
         (agent.episode_advantage[episodes] > 0).float().mean().item())
 
 
-def test_thumbnail_judge_uses_the_other_folds_head_learns_from_its_own_fold_and_is_checkpointed(tmp_path, tiny_dataset):
-    """--episode_judge thumbnail: A_episode is the n-step advantage at the episode's first row
-    by the judge head of the other fold, on thumbnails of the images; a head learns only from
-    its own fold's rows; the heads are saved with the checkpoint."""
+@pytest.mark.parametrize("judge", ["thumbnail", "features"])
+def test_judge_heads_use_the_other_folds_head_learn_from_their_own_fold_and_are_checkpointed(tmp_path, tiny_dataset,
+                                                                                            judge):
+    """--episode_judge thumbnail or features: A_episode is the n-step advantage at the
+    episode's first row by the judge head of the other fold, on thumbnails of the images or
+    on the encoder's features; a head learns only from its own fold's rows, and never moves
+    the encoder; the heads are saved with the checkpoint."""
     buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), train_test_split=0.8,
                                           seed=0, n_step=100)
     torch.manual_seed(0)
     agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu",
-                                   episode_judge="thumbnail")
+                                   episode_judge=judge)
     agent.train(3, 8)
     first_rows = buffer.train_episode_first_rows
     batch = buffer.gather(first_rows)
     episode, advantage = agent._judge(first_rows)
+    judge_input = algos.thumbnail if judge == "thumbnail" else agent.encoder
     with torch.no_grad():
         other = (batch.episode + 1) % 2
-        value = lambda images, joint: torch.cat([head(algos.thumbnail(images, joint)) for head in agent.judge],
+        value = lambda images, joint: torch.cat([head(judge_input(images, joint)) for head in agent.judge],
                                                 1).gather(1, other.unsqueeze(1))
         expected = ((batch.reward + batch.discount * value(batch.next_images, batch.next_joint)).clamp(agent.min_v, agent.max_v)
                     - value(batch.images, batch.joint))
@@ -458,22 +462,25 @@ def test_thumbnail_judge_uses_the_other_folds_head_learns_from_its_own_fold_and_
     agent.judge_optimizer = torch.optim.SGD(agent.judge.parameters(), lr=0.1)   # no momentum from earlier steps
     head0 = [p.clone() for p in agent.judge[0].parameters()]
     head1 = [p.clone() for p in agent.judge[1].parameters()]
+    agent.encoder.zero_grad(set_to_none=True)
     agent._update_judge(buffer.gather(fold1))
     assert all(torch.equal(a, b) for a, b in zip(head0, agent.judge[0].parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(head1, agent.judge[1].parameters()))
+    assert all(p.grad is None for p in agent.encoder.parameters())   # the judge's loss does not reach it
     agent.save("model", str(tmp_path))
     restored = algos.MultimodalAgent.from_checkpoint(str(tmp_path / "model.pth"), device="cpu", replay_buffer=buffer)
-    assert restored.config.episode_judge == "thumbnail"
+    assert restored.config.episode_judge == judge
     torch.testing.assert_close(restored._judge(first_rows)[1], agent._judge(first_rows)[1])
 
 
-def test_thumbnail_judge_learns_from_every_training_episode_not_only_the_kept_ones(tiny_dataset):
+@pytest.mark.parametrize("judge", ["thumbnail", "features"])
+def test_judge_heads_learn_from_every_training_episode_not_only_the_kept_ones(tiny_dataset, judge):
     """The judge heads fit rows drawn uniformly from all training episodes while the CVAE and
     critic see only the kept one: the bar an episode must clear does not follow the filter."""
     buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), train_test_split=0.8,
                                           seed=0)
     agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu",
-                                   episode_judge="thumbnail", filter_band=1e9)   # the kept set cannot change
+                                   episode_judge=judge, filter_band=1e9)   # the kept set cannot change
     train_ids = sorted(buffer.train_episode_ids.tolist())
     agent.episode_advantage = torch.zeros(buffer.n_episodes)
     agent.episode_kept = torch.zeros(buffer.n_episodes, dtype=torch.bool)
