@@ -298,15 +298,13 @@ class LatentActor(nn.Module):
 
 class Critic(nn.Module):
     """Twin Q(feature, action) and V(feature); V has one head per fold of the training
-    episodes (``value_folds``), each fitted on its own fold's rows only. With ``judge_heads``,
-    a second V of that many heads, the episode filter's judge (``--episode_judge uniform``)."""
+    episodes (``value_folds``), each fitted on its own fold's rows only."""
 
-    def __init__(self, feature_dim, action_dim, value_folds=1, judge_heads=0):
+    def __init__(self, feature_dim, action_dim, value_folds=1):
         super().__init__()
         self.q1_net = mlp(feature_dim + action_dim, 1)
         self.q2_net = mlp(feature_dim + action_dim, 1)
         self.v_net = mlp(feature_dim, value_folds)
-        self.judge_v_net = mlp(feature_dim, judge_heads) if judge_heads else None
 
     def forward(self, feature, action):
         x = torch.cat([feature, action], 1)
@@ -317,14 +315,7 @@ class Critic(nn.Module):
 
     def v(self, feature, fold=None):
         """V of each row from the head of its ``fold`` ([B] long), or the mean of the heads."""
-        return self._head(self.v_net(feature), fold)
-
-    def judge_v(self, feature, fold=None):
-        """The judging V's value of each row, as ``v``."""
-        return self._head(self.judge_v_net(feature), fold)
-
-    @staticmethod
-    def _head(values, fold):
+        values = self.v_net(feature)
         return values.mean(1, keepdim=True) if fold is None else values.gather(1, fold.view(-1, 1))
 
 
@@ -806,8 +797,7 @@ class MultimodalLatent(MultimodalAgent):
         self.actor_target = frozen_copy(self.actor)
         self.actor_optimizer = adam(self.actor.parameters(), c.actor_lr, dev)
 
-        judge_heads = c.value_heads if c.episode_filter and c.episode_judge == "uniform" else 0
-        self.critic = Critic(f, a, c.value_heads, judge_heads).to(dev)
+        self.critic = Critic(f, a, c.value_heads).to(dev)
         self.critic_target = frozen_copy(self.critic)
         self.critic_optimizer = adam(self.critic.parameters(), c.critic_lr, dev)
         # only the policy acts through it: training encodes with the online encoder
@@ -981,8 +971,8 @@ class MultimodalLatent(MultimodalAgent):
     @torch.no_grad()
     def _judge(self, first_rows, buffer=None):
         """(episode index, A_episode) of the episodes whose first rows are given: A at that
-        row with the current encoder and critic, or with --episode_judge thumbnail the judge
-        heads' (``_judge_value``)."""
+        row with the current encoder and critic, or with --episode_judge thumbnail or features
+        the judge heads' (``_judge_value``)."""
         batch = (buffer or self.replay_buffer).gather(first_rows)
         if self.judge is None:
             with self._autocast():
@@ -990,11 +980,10 @@ class MultimodalLatent(MultimodalAgent):
                 next_feature = self._encode(batch.next_images, batch.next_joint)
             # with value_folds > 1, by a V head that never fitted this episode: a head that fitted
             # it tends to the episode's own return, and its judgement then drifts to 0
-            value = self.critic.judge_v if self.config.episode_judge == "uniform" else self.critic.v
             advantage = self._advantage(feature.float(), next_feature.float(), batch.reward, batch.discount,
-                                        self._fold(batch.episode, offset=1), value)
+                                        self._fold(batch.episode, offset=1))
             return batch.episode, advantage.squeeze(1)
-        # --episode_judge thumbnail: the same n-step advantage, by the judge head of the other fold
+        # the judge heads: the same n-step advantage, by the head of the other fold
         episode_return, value = self._judge_target_and_value(batch, offset=1)
         return batch.episode, episode_return - value
 
@@ -1026,9 +1015,10 @@ class MultimodalLatent(MultimodalAgent):
     def _update_judge(self, batch):
         """One step of each row's own fold's judge head towards the ``judge_expectile`` of its
         n-step target, on a uniform batch of training rows (every operator's, kept or not): a
-        small critic of V alone, on thumbnails that no training shapes. Why uniform: a V fitted
-        to the kept episodes rises to their own returns, their judgements drift to 0 and the
-        filter drains; fitted to all of them it stays between the best operator and the rest."""
+        small critic of V alone, on inputs its loss does not train (``_judge_input``). Why
+        uniform: a V fitted to the kept episodes rises to their own returns, their judgements
+        drift to 0 and the filter drains; fitted to all of them it stays between the best
+        operator and the rest."""
         target, value = self._judge_target_and_value(batch)
         loss = expectile_loss(target - value, self.config.judge_expectile)
         self.judge_optimizer.zero_grad(set_to_none=True)
@@ -1046,12 +1036,11 @@ class MultimodalLatent(MultimodalAgent):
             self.episode_advantage = state["episode_advantage"].to(self.device)
             self.episode_kept = state["episode_kept"].to(self.device)
 
-    def _advantage(self, feature, next_feature, reward, discount, fold=None, value=None):
-        """A = clamp(r + discount * V(s')) - clamp(V(s)) with the current critic's ``value``
-        (default its V; the head of ``fold``, or the mean of the heads)."""
-        value = value or self.critic.v
-        q_action = (reward + discount * value(next_feature, fold)).clamp(self.min_v, self.max_v)
-        return q_action - value(feature, fold).clamp(self.min_v, self.max_v)
+    def _advantage(self, feature, next_feature, reward, discount, fold=None):
+        """A = clamp(r + discount * V(s')) - clamp(V(s)) with the current critic (V's head of
+        ``fold``, or the mean of the heads)."""
+        q_action = (reward + discount * self.critic.v(next_feature, fold)).clamp(self.min_v, self.max_v)
+        return q_action - self.critic.v(feature, fold).clamp(self.min_v, self.max_v)
 
     def _fold(self, episode, offset=0):
         """The V head of each row's episode (its own fold, or with ``offset`` the next one);
@@ -1094,12 +1083,6 @@ class MultimodalLatent(MultimodalAgent):
         current_V = self.critic.v(feature, fold)
         critic_loss = (F.mse_loss(current_Q1, target_Q) + F.mse_loss(current_Q2, target_Q)
                        + self._value_loss(current_V, target_V))
-        if self.critic.judge_v_net is not None:
-            # the judging V: the same target, on the rows drawn uniformly (the batch's first ones;
-            # see _sample_batch), so the bar an episode must clear does not follow the filter
-            uniform = batch.action.shape[0] - int(round(self.config.kept_batch_frac * batch.action.shape[0]))
-            judge_V = self.critic.judge_v(feature[:uniform], None if fold is None else fold[:uniform])
-            critic_loss = critic_loss + expectile_loss(target_V[:uniform] - judge_V, self.config.judge_expectile)
         self.critic_optimizer.zero_grad(set_to_none=True)
         critic_loss.backward()
         self.critic_optimizer.step()

@@ -48,7 +48,7 @@ def episode_first_rows(buffer, episode_ids):
 def judge(agent, buffer, episode_ids):
     """A_episode of each episode through the agent's own ``_judge`` (with ``value_folds`` > 1,
     by a V head that never fitted the episode), and the value it is judged against: V at its
-    first row from that same head (or the judging heads' value, with --episode_judge thumbnail or uniform)."""
+    first row from that same head (or the judge heads' value, with --episode_judge thumbnail or features)."""
     rows, kept_ids = episode_first_rows(buffer, episode_ids)
     if not len(rows):
         return np.zeros(0, int), np.zeros(0), np.zeros(0)
@@ -60,10 +60,9 @@ def judge(agent, buffer, episode_ids):
         out.append(advantage)
         if getattr(agent, "judge", None) is not None:   # --episode_judge thumbnail or features: its heads' value
             values.append(agent._judge_value(agent._judge_input(batch.images, batch.joint), episode, offset=1))
-        else:   # the critic's V, or with --episode_judge uniform its judging V
+        else:
             feature = agent.encoder(batch.images, batch.joint)
-            value = agent.critic.judge_v if agent.critic.judge_v_net is not None else agent.critic.v
-            values.append(value(feature, agent._fold(episode, offset=1)).squeeze(1))
+            values.append(agent.critic.v(feature, agent._fold(episode, offset=1)).squeeze(1))
     return np.array(kept_ids), torch.cat(out).float().numpy(), torch.cat(values).numpy()
 
 

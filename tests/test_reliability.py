@@ -500,52 +500,6 @@ def test_judge_heads_learn_from_every_training_episode_not_only_the_kept_ones(ti
     assert len(seen["judge"]) > 1 and seen["judge"] <= set(train_ids)
 
 
-def test_uniform_judge_uses_the_other_folds_head_and_learns_only_from_the_uniform_rows(tiny_dataset):
-    """--episode_judge uniform: A_episode is the n-step advantage at the episode's first row by
-    the judging V head of the other fold, on the critic's features; the judging heads learn
-    from the batch's uniformly drawn rows only (the kept rows cannot move the bar), and
-    without uniform rows the setting is refused."""
-    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), train_test_split=0.8,
-                                          seed=0, n_step=100)
-    torch.manual_seed(0)
-    agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu",
-                                   episode_judge="uniform", kept_batch_frac=0.5, value_fit="q")
-    agent.train(3, 8)
-    first_rows = buffer.train_episode_first_rows
-    batch = buffer.gather(first_rows)
-    episode, advantage = agent._judge(first_rows)
-    with torch.no_grad():
-        other = (batch.episode + 1) % 2
-        feature, next_feature = agent.encoder(batch.images, batch.joint), agent.encoder(batch.next_images, batch.next_joint)
-        expected = ((batch.reward + batch.discount * agent.critic.judge_v(next_feature, other)).clamp(agent.min_v, agent.max_v)
-                    - agent.critic.judge_v(feature, other).clamp(agent.min_v, agent.max_v))
-    torch.testing.assert_close(advantage, expected.squeeze(1))
-    assert not torch.allclose(expected, (batch.reward + batch.discount * agent.critic.v(next_feature, other)).clamp(
-        agent.min_v, agent.max_v) - agent.critic.v(feature, other).clamp(agent.min_v, agent.max_v))
-
-    # the same step twice, from the same weights, on batches that differ only in their kept
-    # half (the last rows): the judging heads end the same, V's heads do not
-    agent.critic_optimizer = torch.optim.SGD(agent.critic.parameters(), lr=0.1)
-    start = {k: v.clone() for k, v in agent.critic.state_dict().items()}
-    one = buffer.sample(8)
-    other_rows = buffer.sample(8)
-    two = dataclasses.replace(one, **{f.name: torch.cat([getattr(one, f.name)[:4], getattr(other_rows, f.name)[4:]])
-                                      for f in dataclasses.fields(one) if torch.is_tensor(getattr(one, f.name))})
-    after = []
-    for b in (one, two):
-        agent.critic.load_state_dict(start)
-        with torch.no_grad():
-            f, nf = agent.encoder(b.images, b.joint), agent.encoder(b.next_images, b.next_joint)
-        agent._update_heads(f, nf, b)
-        after.append({k: v.clone() for k, v in agent.critic.state_dict().items()})
-    judge_keys = [k for k in start if k.startswith("judge_v_net")]
-    assert judge_keys and all(torch.equal(after[0][k], after[1][k]) for k in judge_keys)
-    assert not all(torch.equal(after[0][k], after[1][k]) for k in start if k.startswith("v_net"))
-    with pytest.raises(ValueError, match="kept_batch_frac below 1"):
-        algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu",
-                               episode_judge="uniform")
-
-
 def test_filter_band_holds_each_episode_kept_or_dropped_until_judged_beyond_it(tiny_dataset):
     """With --filter_band b an episode is dropped when judged below -b, taken back only
     when judged above +b, and left as it was in between (a first judgement: its sign); the
