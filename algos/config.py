@@ -96,8 +96,8 @@ class TrainConfig:
                                          "trained on the kept episodes; screened on dev variants, not yet "
                                          "the default, see docs/design.md), or the same heads reading the "
                                          "encoder's features, which their loss does not train (features: "
-                                         "ahead of the default on the first stage of the dev screen; the "
-                                         "judge's batch costs about 30% of a step)",
+                                         "screened on the dev variants, not the default, see docs/design.md; "
+                                         "the judge's batch costs about 30% of a step)",
                                  "algorithm", choices=("critic", "thumbnail", "features"))
     judge_expectile: float = setting(0.9, "with --episode_judge thumbnail or features, the expectile "
                                           "of every operator's returns from a state that the judge heads fit: "
