@@ -97,7 +97,7 @@ class TrainConfig:
                                          "the default, see docs/design.md), or the same heads reading the "
                                          "encoder's features, which their loss does not train (features: "
                                          "screened on the dev variants, not the default, see docs/design.md; "
-                                         "the judge's batch costs about 30% of a step)",
+                                         "the judge's batch costs about 30 percent more time a step)",
                                  "algorithm", choices=("critic", "thumbnail", "features"))
     judge_expectile: float = setting(0.9, "with --episode_judge thumbnail or features, the expectile "
                                           "of every operator's returns from a state that the judge heads fit: "
