@@ -1,0 +1,63 @@
+"""Diagnostic: where an expectile bar over the episodes' returns would sit, next to each operator's returns.
+
+    python benchmarks/return_expectiles.py --data runs/reach_hesitant.hdf5 [--discount 0.99]
+
+An episode judge fitted at an expectile of every operator's returns from a state (the
+`--episode_judge` heads at `--judge_expectile`) tends to that expectile of the returns
+from the episodes' starts. This prints, from the file alone, the discounted return of each
+episode grouped by operator label (mean, 10th and 90th percentile, max) and the expectiles
+of all of them, so a judge's V at the starts can be read against them.
+"""
+import argparse
+import os
+import sys
+
+import h5py
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from algos.hdf5_format import episode_ends, read_episode_labels  # noqa: E402
+
+EXPECTILES = (0.7, 0.9, 0.95, 0.97, 0.99)
+
+
+def discounted_returns(f, discount):
+    """The discounted return of each episode of an open file, from its first row."""
+    rewards = np.asarray(f["rewards"][:], np.float64).reshape(-1)
+    stops = np.flatnonzero(episode_ends(f)) + 1
+    starts = np.concatenate([[0], stops[:-1]])
+    return np.array([(rewards[a:b] * discount ** np.arange(b - a)).sum() for a, b in zip(starts, stops)])
+
+
+def expectile(values, tau, iterations=200):
+    """The tau-expectile of ``values``: the m where tau * E[(x - m)+] = (1 - tau) * E[(m - x)+]."""
+    m = values.mean()
+    for _ in range(iterations):
+        weight = np.where(values > m, tau, 1 - tau)
+        m = (weight * values).sum() / weight.sum()
+    return m
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True)
+    p.add_argument("--discount", type=float, default=0.99)
+    p.add_argument("--label", default="operator", help="the episode label to group by")
+    args = p.parse_args(argv)
+    with h5py.File(args.data, "r") as f:
+        returns = discounted_returns(f, args.discount)
+        labels = read_episode_labels(f).get(args.label)
+    print(f"{args.data}: {len(returns)} episodes, discounted returns (discount {args.discount})")
+    print("| operator | episodes | mean | 10th percentile | 90th percentile | max |")
+    print("|---|---|---|---|---|---|")
+    groups = {"all": returns} if labels is None else {
+        name: returns[np.asarray(labels) == name] for name in sorted(set(labels))}
+    for name, values in groups.items():
+        print(f"| {name} | {len(values)} | {values.mean():.2f} | {np.percentile(values, 10):.2f} | "
+              f"{np.percentile(values, 90):.2f} | {values.max():.2f} |")
+    print("expectiles of all episodes' returns: "
+          + ", ".join(f"{tau}: {expectile(returns, tau):.2f}" for tau in EXPECTILES))
+
+
+if __name__ == "__main__":
+    main()
