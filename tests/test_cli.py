@@ -116,8 +116,9 @@ def test_built_in_default_runs_with_no_arguments(tmp_path):
     assert {"progress.png", "policy_best.pth", "policy_final.pth", "model_final.pth"} <= set(os.listdir(folder))
 
 
-def test_help_lists_every_setting_with_its_choices():
-    """--help formats (a stray '%' in a setting's help used to crash it) and names each flag."""
+def test_help_formats_and_names_the_flags_and_the_judge_choices():
+    """--help formats (a stray '%' in a setting's help used to crash it) and names the main
+    flags and --episode_judge's choices."""
     import main_multimodal
     text = main_multimodal.build_parser().format_help()
     for name in ("hdf5_path", "max_timesteps", "episode_judge", "judge_expectile", "kept_batch_frac", "seed"):
