@@ -988,12 +988,16 @@ class MultimodalLatent(MultimodalAgent):
         return batch.episode, episode_return - value
 
     def _judge_target_and_value(self, batch, offset=0):
-        """The judge heads' n-step target r + discount * V(s') and their V(s) at the batch's
-        rows (each row's own fold's head, or with ``offset`` the next fold's)."""
+        """The judge heads' target and their V(s) at the batch's rows (each row's own fold's
+        head, or with ``offset`` the next fold's). The target is the n-step r + discount * V(s')
+        (``judge_target`` bootstrap) or the return observed to the episode's last row (return)."""
         with torch.no_grad():
-            target = (batch.reward.squeeze(1) + batch.discount.squeeze(1) * self._judge_value(
-                self._judge_input(batch.next_images, batch.next_joint), batch.episode, offset)
-                      ).clamp(self.min_v, self.max_v)
+            if self.config.judge_target == "return":
+                target = batch.return_to_end
+            else:
+                target = (batch.reward.squeeze(1) + batch.discount.squeeze(1) * self._judge_value(
+                    self._judge_input(batch.next_images, batch.next_joint), batch.episode, offset)
+                          ).clamp(self.min_v, self.max_v)
             judge_input = self._judge_input(batch.images, batch.joint)
         return target, self._judge_value(judge_input, batch.episode, offset)
 
@@ -1059,7 +1063,8 @@ class MultimodalLatent(MultimodalAgent):
         feature = obs_feature.detach().requires_grad_()
         losses = self._update_heads(feature, next_obs_feature.float(), batch)
         if self.judge is not None:   # uniform rows: a reference that does not follow the filter's choice
-            self._update_judge(self.replay_buffer.sample(batch.action.shape[0], with_next=True))
+            self._update_judge(self.replay_buffer.sample(batch.action.shape[0],
+                                                         with_next=self.config.judge_target == "bootstrap"))
         self.encoder_optimizer.zero_grad(set_to_none=True)
         obs_feature.backward(feature.grad)
         self.encoder_optimizer.step()

@@ -104,6 +104,12 @@ class TrainConfig:
                                           "the bar an episode's return must clear to be kept (0.5: better than "
                                           "the data's mean)",
                                      "algorithm", unit_interval="()")
+    judge_target: str = setting("bootstrap", "with --episode_judge thumbnail or features, what the judge heads "
+                                             "fit: the n-step return bootstrapped from their own V where it is "
+                                             "cut off (bootstrap), or the discounted return observed to the "
+                                             "episode's last row (return: nothing bootstrapped, so the bar cannot "
+                                             "climb on itself as the features move)", "algorithm",
+                                choices=("bootstrap", "return"))
     value_fit: str = setting("target_q", "which critic's Q at the data's own actions V fits at --value_expectile: "
                                          "the target critic's (target_q, IQL's), or the online critic's (q: no "
                                          "Polyak lag between the returns Q fits and V, so V and the episode "
@@ -226,7 +232,8 @@ SEED_FIELDS = ("seed",)   # the split of episodes depends on it: fixed on resume
 # of the "run" group (bookkeeping, free to change on resume) that a stored run lacks take this
 # version's defaults.
 SETTINGS_ADDED_SINCE_FORMAT = {"feature_dropout": 0.0, "filter_band": 0.0, "episode_judge": "critic",
-                               "judge_expectile": 0.9, "value_fit": "target_q"}
+                               "judge_expectile": 0.9, "value_fit": "target_q",
+                               "judge_target": "bootstrap"}
 # Settings taken out since then because their measurements lost, with their "off" value: a
 # run made with one off is a run of this version; one made with it on cannot be rebuilt.
 SETTINGS_REMOVED_SINCE_FORMAT = {"filter_margin": 0.0, "kept_share": "positive", "joint_noise": 0.0,

@@ -222,6 +222,7 @@ class Batch:
     next_images: torch.Tensor = None   # the observation k steps on, which bootstraps
     next_joint: torch.Tensor = None
     observed_return: torch.Tensor = None   # [B, 1], -inf where the episode was cut off
+    return_to_end: torch.Tensor = None     # [B] discounted return to the episode's last row, cut off or not
     episode: torch.Tensor = None           # [B] index of each row's episode in the file
 
 
@@ -293,6 +294,8 @@ class MultimodalReplayBuffer:
         self.discounts = torch.from_numpy(discounts).to(dev)
         self.observed_return = torch.from_numpy(
             observed_returns(rewards, dataset.terminals, dataset.timeouts, discount)).to(dev)
+        self.return_to_end = torch.from_numpy(
+            discounted_suffix_sums(rewards, dataset.terminals, dataset.timeouts, discount).astype(np.float32)).to(dev)
         self.next_index = torch.from_numpy(next_index).to(dev)
         self.episode_index = torch.from_numpy(episode_of_row).to(dev)
         # each episode's first usable row, where the episode's own advantage is judged
@@ -343,6 +346,7 @@ class MultimodalReplayBuffer:
             discount=self.discounts.index_select(0, rows).unsqueeze(1).to(self.device, non_blocking=non_blocking),
             observed_return=self.observed_return.index_select(0, rows).unsqueeze(1).to(self.device,
                                                                                        non_blocking=non_blocking),
+            return_to_end=self.return_to_end.index_select(0, rows).to(self.device, non_blocking=non_blocking),
             episode=self.episode_index.index_select(0, rows).to(self.device, non_blocking=non_blocking),
         )
         if with_next:

@@ -473,6 +473,33 @@ def test_judge_heads_use_the_other_folds_head_learn_from_their_own_fold_and_are_
     torch.testing.assert_close(restored._judge(first_rows)[1], agent._judge(first_rows)[1])
 
 
+def test_judge_target_return_judges_an_episode_by_its_own_observed_return_to_its_last_row(tiny_dataset):
+    """--judge_target return: the judge heads fit the discounted return each row's episode
+    went on to receive to its last row (cut off by time or not), nothing bootstrapped, so
+    A_episode is the episode's whole return less the other fold's head at its start."""
+    dataset = hdf5_format.load_dataset(tiny_dataset, progress=False)
+    buffer = utils.MultimodalReplayBuffer(dataset, train_test_split=0.8, seed=0, n_step=2)
+    agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu",
+                                   episode_judge="features", judge_target="return")
+    agent.train(2, 8)
+    first_rows = buffer.train_episode_first_rows
+    batch = buffer.gather(first_rows)
+    rewards = dataset.rewards / buffer.normalization.reward_scale
+    for row, episode in zip(first_rows.tolist(), batch.episode.tolist()):
+        start, stop = [(a, b) for a, b in utils.episode_ranges(dataset.terminals, dataset.timeouts)][episode]
+        assert row == start
+        expected = sum(0.99 ** i * r for i, r in enumerate(rewards[start:stop]))
+        assert buffer.return_to_end[row].item() == pytest.approx(expected, rel=1e-4)
+    episode, advantage = agent._judge(first_rows)
+    with torch.no_grad():
+        other = (batch.episode + 1) % 2
+        value = torch.cat([head(agent.encoder(batch.images, batch.joint)) for head in agent.judge],
+                          1).gather(1, other.unsqueeze(1)).squeeze(1)
+    torch.testing.assert_close(advantage, batch.return_to_end - value)
+    # the heads' loss needs no next observation: the update runs on a batch without one
+    agent._update_judge(buffer.sample(8, with_next=False))
+
+
 @pytest.mark.parametrize("judge", ["thumbnail", "features"])
 def test_judge_heads_learn_from_every_training_episode_not_only_the_kept_ones(tiny_dataset, judge):
     """The judge heads fit rows drawn uniformly from all training episodes while the CVAE and
