@@ -52,7 +52,7 @@ import torchvision
 from algos import config as config_lib
 from algos.experiment import atomic_write
 from algos.hdf5_format import IMAGE_KEYS
-from algos.utils_multimodal import Normalization
+from algos.utils_multimodal import Normalization, expectile
 
 # Version of the checkpoint layout; a checkpoint of another version is refused by name.
 # 2: the whole TrainConfig (data settings included) and the dataset's shapes.
@@ -803,6 +803,7 @@ class MultimodalLatent(MultimodalAgent):
         # only the policy acts through it: training encodes with the online encoder
         self.encoder_target = frozen_copy(self.encoder) if c.polyak_acting else None
         self.judge = None
+        self._return_bar_value = None   # with --episode_judge return (_return_bar)
         if c.episode_filter and c.episode_judge in ("thumbnail", "features"):
             # one small V head per fold, each fitted on its own fold's rows (_update_judge)
             judge_in = (len(IMAGE_KEYS) * 3 * THUMBNAIL_SIZE ** 2 + self.joint_dim if c.episode_judge == "thumbnail"
@@ -974,6 +975,8 @@ class MultimodalLatent(MultimodalAgent):
         row with the current encoder and critic, or with --episode_judge thumbnail or features
         the judge heads' (``_judge_value``)."""
         batch = (buffer or self.replay_buffer).gather(first_rows)
+        if self.config.episode_judge == "return":
+            return batch.episode, batch.return_to_end - self._return_bar()
         if self.judge is None:
             with self._autocast():
                 feature = self._encode(batch.images, batch.joint)
@@ -986,6 +989,16 @@ class MultimodalLatent(MultimodalAgent):
         # the judge heads: the same n-step advantage, by the head of the other fold
         episode_return, value = self._judge_target_and_value(batch, offset=1)
         return batch.episode, episode_return - value
+
+    def _return_bar(self):
+        """With --episode_judge return, the bar an episode's return must clear: the
+        ``judge_expectile`` of the training episodes' discounted returns from their first rows,
+        fixed by the data (computed once)."""
+        if self._return_bar_value is None:
+            buffer = self.replay_buffer
+            returns = buffer.return_to_end.index_select(0, buffer.train_episode_first_rows).cpu().numpy()
+            self._return_bar_value = expectile(returns, self.config.judge_expectile)
+        return self._return_bar_value
 
     def _judge_target_and_value(self, batch, offset=0):
         """The judge heads' target and their V(s) at the batch's rows (each row's own fold's

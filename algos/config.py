@@ -97,12 +97,17 @@ class TrainConfig:
                                          "the default, see docs/design.md), or the same heads reading the "
                                          "encoder's features, which their loss does not train (features: "
                                          "screened on the dev variants, not the default, see docs/design.md; "
-                                         "the judge's batch costs about 30 percent more time a step)",
-                                 "algorithm", choices=("critic", "thumbnail", "features"))
-    judge_expectile: float = setting(0.9, "with --episode_judge thumbnail or features, the expectile "
-                                          "of every operator's returns from a state that the judge heads fit: "
-                                          "the bar an episode's return must clear to be kept (0.5: better than "
-                                          "the data's mean)",
+                                         "the judge's batch costs about 30 percent more time a step), or "
+                                         "no V at all (return: an episode is kept when its discounted return "
+                                         "from its first row clears the --judge_expectile of every training "
+                                         "episode's, a bar the data fixes before training, for data whose "
+                                         "episodes start alike)",
+                                 "algorithm", choices=("critic", "thumbnail", "features", "return"))
+    judge_expectile: float = setting(0.9, "with --episode_judge thumbnail, features or return, the "
+                                          "expectile of every operator's returns from a state (the judge "
+                                          "heads fit it; return: from the episodes' first rows): the bar an "
+                                          "episode's return must clear to be kept (0.5: better than the "
+                                          "data's mean)",
                                      "algorithm", unit_interval="()")
     judge_target: str = setting("bootstrap", "with --episode_judge thumbnail or features, what the judge heads "
                                              "fit: the n-step return bootstrapped from their own V where it is "

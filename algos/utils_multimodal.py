@@ -72,6 +72,17 @@ def discounted_suffix_sums(rewards, terminals, timeouts, discount):
     return out
 
 
+def expectile(values, tau, iterations=200):
+    """The tau-expectile of ``values`` (numpy): the m where tau * E[(x - m)+] = (1 - tau) * E[(m - x)+]
+    (0.5: the mean; towards 1: towards the largest)."""
+    values = np.asarray(values, np.float64)
+    m = values.mean()
+    for _ in range(iterations):
+        weight = np.where(values > m, tau, 1 - tau)
+        m = (weight * values).sum() / weight.sum()
+    return float(m)
+
+
 def observed_returns(rewards, terminals, timeouts, discount):
     """Per row: the discounted return observed from that row to the end of its episode, for
     episodes that end in a terminal; -inf for rows of episodes cut off by time or by the file.

@@ -17,6 +17,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from algos.hdf5_format import episode_ends, read_episode_labels  # noqa: E402
+from algos.utils_multimodal import expectile  # noqa: E402
 
 EXPECTILES = (0.7, 0.9, 0.95, 0.97, 0.99)
 
@@ -27,15 +28,6 @@ def discounted_returns(f, discount):
     stops = np.flatnonzero(episode_ends(f)) + 1
     starts = np.concatenate([[0], stops[:-1]])
     return np.array([(rewards[a:b] * discount ** np.arange(b - a)).sum() for a, b in zip(starts, stops)])
-
-
-def expectile(values, tau, iterations=200):
-    """The tau-expectile of ``values``: the m where tau * E[(x - m)+] = (1 - tau) * E[(m - x)+]."""
-    m = values.mean()
-    for _ in range(iterations):
-        weight = np.where(values > m, tau, 1 - tau)
-        m = (weight * values).sum() / weight.sum()
-    return m
 
 
 def main(argv=None):

@@ -500,6 +500,32 @@ def test_judge_target_return_judges_an_episode_by_its_own_observed_return_to_its
     agent._update_judge(buffer.sample(8, with_next=False))
 
 
+def test_judge_return_keeps_the_episodes_whose_return_clears_the_expectile_of_the_training_returns(tiny_dataset):
+    """--episode_judge return: no V; A_episode is the episode's discounted return from its
+    first row less the --judge_expectile of the training episodes' returns, for training and
+    held-out episodes alike, and the filter keeps those above the bar."""
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), train_test_split=0.8,
+                                          seed=0)
+    agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu",
+                                   episode_judge="return", judge_expectile=0.7, filter_band=0.0)
+    assert agent.judge is None
+    returns = buffer.return_to_end[buffer.train_episode_first_rows].numpy().astype(np.float64)
+    bar = utils.expectile(returns, 0.7)
+    assert 0.7 * np.clip(returns - bar, 0, None).sum() == pytest.approx(0.3 * np.clip(bar - returns, 0, None).sum())
+    assert returns.mean() < bar < returns.max()
+    for first_rows in (buffer.train_episode_first_rows, buffer.test_episode_first_rows):
+        episode, advantage = agent._judge(first_rows)
+        torch.testing.assert_close(advantage, buffer.return_to_end[first_rows] - torch.tensor(bar, dtype=torch.float32))
+    agent.train(2, 8)
+    train_ids = buffer.train_episode_ids
+    expected_kept = (buffer.return_to_end[buffer.train_episode_first_rows] > bar)
+    episodes = buffer.episode_index[buffer.train_episode_first_rows]
+    judged = ~torch.isnan(agent.episode_advantage[episodes])
+    assert judged.any()
+    assert torch.equal(agent.episode_kept[episodes][judged], expected_kept[judged])
+    assert len(train_ids) == len(episodes)
+
+
 @pytest.mark.parametrize("judge", ["thumbnail", "features"])
 def test_judge_heads_learn_from_every_training_episode_not_only_the_kept_ones(tiny_dataset, judge):
     """The judge heads fit rows drawn uniformly from all training episodes while the CVAE and
