@@ -48,7 +48,8 @@ def episode_first_rows(buffer, episode_ids):
 def judge(agent, buffer, episode_ids):
     """A_episode of each episode through the agent's own ``_judge`` (with ``value_folds`` > 1,
     by a V head that never fitted the episode), and the value it is judged against: V at its
-    first row from that same head (or the judge heads' value, with --episode_judge thumbnail or features)."""
+    first row from that same head (or the judge heads' value, with --episode_judge thumbnail or features,
+    or the bar, with --episode_judge return)."""
     rows, kept_ids = episode_first_rows(buffer, episode_ids)
     if not len(rows):
         return np.zeros(0, int), np.zeros(0), np.zeros(0)
@@ -58,7 +59,9 @@ def judge(agent, buffer, episode_ids):
         episode, advantage = agent._judge(first_rows, buffer)
         batch = buffer.gather(first_rows)
         out.append(advantage)
-        if getattr(agent, "judge", None) is not None:   # --episode_judge thumbnail or features: its heads' value
+        if agent.config.episode_judge == "return":   # a bar fixed by the data: the same for every episode
+            values.append(torch.full((len(first_rows),), agent._return_bar()))
+        elif getattr(agent, "judge", None) is not None:   # --episode_judge thumbnail or features: its heads' value
             values.append(agent._judge_value(agent._judge_input(batch.images, batch.joint), episode, offset=1))
         else:
             feature = agent.encoder(batch.images, batch.joint)
