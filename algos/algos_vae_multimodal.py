@@ -110,6 +110,7 @@ def use_bf16(amp, device):
     return amp == "bf16" and device.type == "cpu" and native
 
 
+RETURN_BAR_TOLERANCE = 1e-5   # returns (in units of the largest one-step reward) this close below the bar clear it
 THUMBNAIL_SIZE = 8   # side of the pooled images the thumbnail judge reads (episode_judge)
 
 
@@ -993,11 +994,13 @@ class MultimodalLatent(MultimodalAgent):
     def _return_bar(self):
         """With --episode_judge return, the bar an episode's return must clear: the
         ``judge_expectile`` of the training episodes' discounted returns from their first rows,
-        fixed by the data (computed once)."""
+        fixed by the data (computed once), less ``RETURN_BAR_TOLERANCE``: a return at the bar
+        clears it, so data whose episodes all return the same (no reward signal) is imitated
+        whole rather than dropped whole."""
         if self._return_bar_value is None:
             buffer = self.replay_buffer
             returns = buffer.return_to_end.index_select(0, buffer.train_episode_first_rows).cpu().numpy()
-            self._return_bar_value = expectile(returns, self.config.judge_expectile)
+            self._return_bar_value = expectile(returns, self.config.judge_expectile) - RETURN_BAR_TOLERANCE
         return self._return_bar_value
 
     def _judge_target_and_value(self, batch, offset=0):

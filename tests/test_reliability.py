@@ -512,6 +512,7 @@ def test_judge_return_keeps_the_episodes_whose_return_clears_the_expectile_of_th
     returns = buffer.return_to_end[buffer.train_episode_first_rows].numpy().astype(np.float64)
     bar = utils.expectile(returns, 0.7)
     assert 0.7 * np.clip(returns - bar, 0, None).sum() == pytest.approx(0.3 * np.clip(bar - returns, 0, None).sum())
+    bar -= algos.RETURN_BAR_TOLERANCE
     assert returns.mean() < bar < returns.max()
     for first_rows in (buffer.train_episode_first_rows, buffer.test_episode_first_rows):
         episode, advantage = agent._judge(first_rows)
@@ -524,6 +525,12 @@ def test_judge_return_keeps_the_episodes_whose_return_clears_the_expectile_of_th
     assert judged.any()
     assert torch.equal(agent.episode_kept[episodes][judged], expected_kept[judged])
     assert len(train_ids) == len(episodes)
+    # returns that are all alike (no reward signal) clear the bar: every episode is imitated
+    flat = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu",
+                                  episode_judge="return")
+    buffer.return_to_end = torch.full_like(buffer.return_to_end, 0.3)
+    flat._refresh_episode_advantage(n_episodes=len(episodes))
+    assert flat.episode_kept[episodes].all()
 
 
 @pytest.mark.parametrize("judge", ["thumbnail", "features"])
