@@ -12,10 +12,11 @@ five back, for ablations; docs/design.md says why, docs/experiments/ has the mea
     latent policy's action: the latter climbs with the actor that maximises Q, and the
     advantages of the good data go negative with it;
   * the CVAE's weights are exp(A / ``weight_temperature``), as in AWR, not LAPO's two values;
-  * the episode filter: the CVAE skips the episodes whose return fell short of their
-    start's value, judged by a V head fitted on the other episodes (``value_folds``), and
-    every batch (``kept_batch_frac``) is drawn from the episodes it keeps, so that the CVAE
-    has a whole batch to imitate at every step;
+  * the episode filter: the CVAE skips the episodes whose discounted return falls short of
+    a bar, by default the ``judge_expectile`` of every training episode's return, which the
+    data fixes before training so that nothing the run learns can move it (``episode_judge``
+    names the V-based judges), and every batch (``kept_batch_frac``) is drawn from the
+    episodes it keeps, so that the CVAE has a whole batch to imitate at every step;
   * the policy acts through Polyak averages of all it is made of: the encoder's average,
     the latent actor's and the decoder's (the targets), not the online networks, whose
     last few hundred steps swing the policy's success by +-0.1;
@@ -915,7 +916,7 @@ class MultimodalLatent(MultimodalAgent):
 
     def _kept(self, episode_advantage):
         """The episode filter's rule: imitate an episode if its ``A_episode`` (its return
-        against its start's value) is above 0 (not yet judged, NaN: kept). Why 0: a margin
+        against the bar, or against its start's value) is above 0 (not yet judged, NaN: kept). Why 0: a margin
         below it, or Otsu's cut between the groups of judgements, let in the poor episodes
         whose judgements rise towards 0 as the critic fits its training episodes
         (docs/experiments/); CRR's binary filter is A > 0 too."""
@@ -972,9 +973,10 @@ class MultimodalLatent(MultimodalAgent):
 
     @torch.no_grad()
     def _judge(self, first_rows, buffer=None):
-        """(episode index, A_episode) of the episodes whose first rows are given: A at that
-        row with the current encoder and critic, or with --episode_judge thumbnail or features
-        the judge heads' (``_judge_value``)."""
+        """(episode index, A_episode) of the episodes whose first rows are given: the
+        episode's discounted return less the bar (--episode_judge return, ``_return_bar``), or
+        A at that row with the current encoder and critic (critic), or the judge heads'
+        (thumbnail or features, ``_judge_value``)."""
         batch = (buffer or self.replay_buffer).gather(first_rows)
         if self.config.episode_judge == "return":
             return batch.episode, batch.return_to_end - self._return_bar()

@@ -87,22 +87,18 @@ class TrainConfig:
                                        positive=True)
     doubleq_min: float = setting(1.0, "weight of min(Q1, Q2) in the V target (the rest on max)", "algorithm",
                                  unit_interval="[]")
-    episode_judge: str = setting("critic", "what judges an episode for the filter: the critic's V heads "
-                                         "(critic), or small V heads on 8x8 thumbnails of the images and the "
-                                         "joint vector, cross-fitted by fold and trained on rows of every "
-                                         "training episode (thumbnail: their input is not learnt and they "
-                                         "never see the filter's choice, so the head that judges an episode "
-                                         "knows nothing of it, where the critic's heads share an encoder "
-                                         "trained on the kept episodes; screened on dev variants, not yet "
-                                         "the default, see docs/design.md), or the same heads reading the "
-                                         "encoder's features, which their loss does not train (features: "
-                                         "screened on the dev variants, not the default, see docs/design.md; "
-                                         "the judge's batch costs about 30 percent more time a step), or "
-                                         "no V at all (return: an episode is kept when its discounted return "
-                                         "from its first row clears the --judge_expectile of every training "
-                                         "episode's, a bar the data fixes before training, for data whose "
-                                         "episodes start alike)",
-                                 "algorithm", choices=("critic", "thumbnail", "features", "return"))
+    episode_judge: str = setting("return", "what an episode's return must clear for the filter to keep it. "
+                                         "return: the --judge_expectile of every training episode's return from "
+                                         "its first row, a bar the data fixes before training, so nothing the "
+                                         "run learns can move the kept set (for data whose episodes start "
+                                         "alike: one task from similar states); critic: the critic's V at the "
+                                         "episode's start, by the fold head that never fitted it (V shares the "
+                                         "encoder the kept episodes train, and drifts with it); thumbnail or "
+                                         "features: small V heads per fold, fitted at --judge_expectile to rows "
+                                         "of every training episode, reading 8x8 thumbnails of the images and "
+                                         "the joint vector, or the encoder's features (their loss does not "
+                                         "train it); see docs/design.md",
+                                 "algorithm", choices=("return", "critic", "thumbnail", "features"))
     judge_expectile: float = setting(0.9, "with --episode_judge thumbnail, features or return, the "
                                           "expectile of every operator's returns from a state (the judge "
                                           "heads fit it; return: from the episodes' first rows): the bar an "

@@ -399,7 +399,8 @@ def test_with_value_folds_each_episode_is_judged_by_a_head_that_never_fitted_it(
     """Each V head fits only its own fold's episodes; the filter judges an episode with another
     fold's head, so a head's fit of an episode's own return cannot decide its judgement."""
     torch.manual_seed(0)
-    agent = algos.MultimodalLatent(replay_buffer=make_buffer(tiny_dataset, n_step=1), **SMALL)   # 2 folds by default
+    agent = algos.MultimodalLatent(replay_buffer=make_buffer(tiny_dataset, n_step=1), episode_judge="critic",
+                                   **SMALL)   # 2 folds by default
     last = agent.critic.v_net[-1]
     with torch.no_grad():
         last.weight.zero_()

@@ -124,4 +124,4 @@ def test_help_formats_and_names_the_flags_and_the_judge_choices():
     for name in ("hdf5_path", "max_timesteps", "episode_judge", "judge_expectile", "judge_target", "kept_batch_frac",
                  "seed"):
         assert f"--{name}" in text
-    assert "{critic,thumbnail,features}" in text
+    assert "{return,critic,thumbnail,features}" in text
