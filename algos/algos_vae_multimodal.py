@@ -15,7 +15,7 @@ five back, for ablations; docs/design.md says why, docs/experiments/ has the mea
   * the episode filter: the CVAE skips the episodes whose discounted return falls short of
     a bar, by default the ``judge_expectile`` of every training episode's return, which the
     data fixes before training so that nothing the run learns can move it (``episode_judge``
-    names the V-based judges), and every batch (``kept_batch_frac``) is drawn from the
+    critic judges against the critic's V at the episode's start instead), and every batch (``kept_batch_frac``) is drawn from the
     episodes it keeps, so that the CVAE has a whole batch to imitate at every step;
   * the policy acts through Polyak averages of all it is made of: the encoder's average,
     the latent actor's and the decoder's (the targets), not the online networks, whose
@@ -112,16 +112,6 @@ def use_bf16(amp, device):
 
 
 RETURN_BAR_TOLERANCE = 1e-5   # returns (in units of the largest one-step reward) this close below the bar clear it
-THUMBNAIL_SIZE = 8   # side of the pooled images the thumbnail judge reads (episode_judge)
-
-
-def thumbnail(images, joint):
-    """Each view of uint8 images [B, views, H, W, 3] average-pooled to THUMBNAIL_SIZE square,
-    in [0, 1], flattened, with the (normalised) joint vector: an input no training shapes."""
-    x = images.float().div(255).permute(0, 1, 4, 2, 3).flatten(1, 2)
-    return torch.cat([F.adaptive_avg_pool2d(x, THUMBNAIL_SIZE).flatten(1), joint.float()], 1)
-
-
 def mlp(in_dim, out_dim, hidden=(256, 256, 256)):
     """Linear-ReLU stack: the one network block every head is built from."""
     layers, width = [], in_dim
@@ -804,14 +794,7 @@ class MultimodalLatent(MultimodalAgent):
         self.critic_optimizer = adam(self.critic.parameters(), c.critic_lr, dev)
         # only the policy acts through it: training encodes with the online encoder
         self.encoder_target = frozen_copy(self.encoder) if c.polyak_acting else None
-        self.judge = None
         self._return_bar_value = None   # with --episode_judge return (_return_bar)
-        if c.episode_filter and c.episode_judge in ("thumbnail", "features"):
-            # one small V head per fold, each fitted on its own fold's rows (_update_judge)
-            judge_in = (len(IMAGE_KEYS) * 3 * THUMBNAIL_SIZE ** 2 + self.joint_dim if c.episode_judge == "thumbnail"
-                        else f)
-            self.judge = nn.ModuleList([mlp(judge_in, 1, (64, 64)) for _ in range(c.value_heads)]).to(dev)
-            self.judge_optimizer = adam(self.judge.parameters(), c.critic_lr, dev)
 
     def _modules(self):
         modules = {"encoder": self.encoder, "actor_vae": self.actor_vae, "actor_vae_target": self.actor_vae_target,
@@ -819,8 +802,6 @@ class MultimodalLatent(MultimodalAgent):
                    "critic": self.critic, "critic_target": self.critic_target}
         if self.config.polyak_acting:
             modules["encoder_target"] = self.encoder_target
-        if self.judge is not None:
-            modules["judge"] = self.judge
         return modules
 
     def _acting_modules(self):
@@ -831,8 +812,6 @@ class MultimodalLatent(MultimodalAgent):
     def _optimizers(self):
         optimizers = {"encoder": self.encoder_optimizer, "actor_vae": self.actor_vae_optimizer,
                       "actor": self.actor_optimizer, "critic": self.critic_optimizer}
-        if self.judge is not None:
-            optimizers["judge"] = self.judge_optimizer
         return optimizers
 
     def _policy_action(self, feature):
@@ -962,8 +941,8 @@ class MultimodalLatent(MultimodalAgent):
     @torch.no_grad()
     def _refresh_episode_advantage(self, n_episodes=EPISODES_JUDGED_PER_STEP):
         """Judge the next ``n_episodes`` training episodes (round robin, by step count, so a
-        resumed run judges the same ones) with the current encoder and critic: A at the
-        episode's first row. Costs 2 x ``n_episodes`` forward passes of the encoder a step."""
+        resumed run judges the same ones) at their first rows (``_judge``). With the critic
+        judge it costs 2 x ``n_episodes`` forward passes of the encoder a step."""
         buffer = self.replay_buffer
         self._episode_state(buffer)
         first_rows = buffer.train_episode_first_rows
@@ -975,23 +954,18 @@ class MultimodalLatent(MultimodalAgent):
     def _judge(self, first_rows, buffer=None):
         """(episode index, A_episode) of the episodes whose first rows are given: the
         episode's discounted return less the bar (--episode_judge return, ``_return_bar``), or
-        A at that row with the current encoder and critic (critic), or the judge heads'
-        (thumbnail or features, ``_judge_value``)."""
+        A at that row with the current encoder and critic (critic)."""
         batch = (buffer or self.replay_buffer).gather(first_rows)
         if self.config.episode_judge == "return":
             return batch.episode, batch.return_to_end - self._return_bar()
-        if self.judge is None:
-            with self._autocast():
-                feature = self._encode(batch.images, batch.joint)
-                next_feature = self._encode(batch.next_images, batch.next_joint)
-            # with value_folds > 1, by a V head that never fitted this episode: a head that fitted
-            # it tends to the episode's own return, and its judgement then drifts to 0
-            advantage = self._advantage(feature.float(), next_feature.float(), batch.reward, batch.discount,
-                                        self._fold(batch.episode, offset=1))
-            return batch.episode, advantage.squeeze(1)
-        # the judge heads: the same n-step advantage, by the head of the other fold
-        episode_return, value = self._judge_target_and_value(batch, offset=1)
-        return batch.episode, episode_return - value
+        with self._autocast():
+            feature = self._encode(batch.images, batch.joint)
+            next_feature = self._encode(batch.next_images, batch.next_joint)
+        # with value_folds > 1, by a V head that never fitted this episode: a head that fitted
+        # it tends to the episode's own return, and its judgement then drifts to 0
+        advantage = self._advantage(feature.float(), next_feature.float(), batch.reward, batch.discount,
+                                    self._fold(batch.episode, offset=1))
+        return batch.episode, advantage.squeeze(1)
 
     def _return_bar(self):
         """With --episode_judge return, the bar an episode's return must clear: the
@@ -1004,48 +978,6 @@ class MultimodalLatent(MultimodalAgent):
             returns = buffer.return_to_end.index_select(0, buffer.train_episode_first_rows).cpu().numpy()
             self._return_bar_value = expectile(returns, self.config.judge_expectile) - RETURN_BAR_TOLERANCE
         return self._return_bar_value
-
-    def _judge_target_and_value(self, batch, offset=0):
-        """The judge heads' target and their V(s) at the batch's rows (each row's own fold's
-        head, or with ``offset`` the next fold's). The target is the n-step r + discount * V(s')
-        (``judge_target`` bootstrap) or the return observed to the episode's last row (return)."""
-        with torch.no_grad():
-            if self.config.judge_target == "return":
-                target = batch.return_to_end
-            else:
-                target = (batch.reward.squeeze(1) + batch.discount.squeeze(1) * self._judge_value(
-                    self._judge_input(batch.next_images, batch.next_joint), batch.episode, offset)
-                          ).clamp(self.min_v, self.max_v)
-            judge_input = self._judge_input(batch.images, batch.joint)
-        return target, self._judge_value(judge_input, batch.episode, offset)
-
-    @torch.no_grad()
-    def _judge_input(self, images, joint):
-        """What the judge heads read: 8x8 thumbnails and the joint vector (``thumbnail``), or
-        the current encoder's features, which the judge's loss does not train (``features``)."""
-        if self.config.episode_judge == "thumbnail":
-            return thumbnail(images, joint)
-        with self._autocast():
-            return self._encode(images, joint).float()
-
-    def _judge_value(self, judge_input, episode, offset=0):
-        """The judge heads' value at these rows: each row's own fold's head, or with
-        ``offset`` the next fold's (one that never fitted its episode)."""
-        values = torch.cat([head(judge_input) for head in self.judge], 1)
-        return values.gather(1, ((episode + offset) % len(self.judge)).unsqueeze(1)).squeeze(1)
-
-    def _update_judge(self, batch):
-        """One step of each row's own fold's judge head towards the ``judge_expectile`` of its
-        n-step target, on a uniform batch of training rows (every operator's, kept or not): a
-        small critic of V alone, on inputs its loss does not train (``_judge_input``). Why
-        uniform: a V fitted to the kept episodes rises to their own returns, their judgements
-        drift to 0 and the filter drains; fitted to all of them it stays between the best
-        operator and the rest."""
-        target, value = self._judge_target_and_value(batch)
-        loss = expectile_loss(target - value, self.config.judge_expectile)
-        self.judge_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.judge_optimizer.step()
 
     def _training_state(self):
         if self.episode_advantage is None:
@@ -1080,9 +1012,6 @@ class MultimodalLatent(MultimodalAgent):
         # feature.grad; one backward pass then carries the sum through the trunks.
         feature = obs_feature.detach().requires_grad_()
         losses = self._update_heads(feature, next_obs_feature.float(), batch)
-        if self.judge is not None:   # uniform rows: a reference that does not follow the filter's choice
-            self._update_judge(self.replay_buffer.sample(batch.action.shape[0],
-                                                         with_next=self.config.judge_target == "bootstrap"))
         self.encoder_optimizer.zero_grad(set_to_none=True)
         obs_feature.backward(feature.grad)
         self.encoder_optimizer.step()

@@ -93,24 +93,14 @@ class TrainConfig:
                                          "run learns can move the kept set (for data whose episodes start "
                                          "alike: one task from similar states); critic: the critic's V at the "
                                          "episode's start, by the fold head that never fitted it (V shares the "
-                                         "encoder the kept episodes train, and drifts with it); thumbnail or "
-                                         "features: small V heads per fold, fitted at --judge_expectile to rows "
-                                         "of every training episode, reading 8x8 thumbnails of the images and "
-                                         "the joint vector, or the encoder's features (their loss does not "
-                                         "train it); see docs/design.md",
-                                 "algorithm", choices=("return", "critic", "thumbnail", "features"))
-    judge_expectile: float = setting(0.9, "with --episode_judge thumbnail, features or return, the "
-                                          "expectile of every operator's returns from a state (the judge "
-                                          "heads fit it; return: from the episodes' first rows): the bar an "
-                                          "episode's return must clear to be kept (0.5: better than the "
-                                          "data's mean)",
+                                         "encoder the kept episodes train, and drifts with it); see "
+                                         "docs/design.md",
+                                 "algorithm", choices=("return", "critic"))
+    judge_expectile: float = setting(0.9, "with --episode_judge return, the expectile of the training "
+                                          "episodes' returns that is the bar an episode's return must clear "
+                                          "to be kept (0.5: the data's mean; towards 1: towards the best "
+                                          "episode's)",
                                      "algorithm", unit_interval="()")
-    judge_target: str = setting("bootstrap", "with --episode_judge thumbnail or features, what the judge heads "
-                                             "fit: the n-step return bootstrapped from their own V where it is "
-                                             "cut off (bootstrap), or the discounted return observed to the "
-                                             "episode's last row (return: nothing bootstrapped, so the bar cannot "
-                                             "climb on itself as the features move)", "algorithm",
-                                choices=("bootstrap", "return"))
     value_fit: str = setting("target_q", "which critic's Q at the data's own actions V fits at --value_expectile: "
                                          "the target critic's (target_q, IQL's), or the online critic's (q: no "
                                          "Polyak lag between the returns Q fits and V, so V and the episode "
@@ -233,13 +223,15 @@ SEED_FIELDS = ("seed",)   # the split of episodes depends on it: fixed on resume
 # of the "run" group (bookkeeping, free to change on resume) that a stored run lacks take this
 # version's defaults.
 SETTINGS_ADDED_SINCE_FORMAT = {"feature_dropout": 0.0, "filter_band": 0.0, "episode_judge": "critic",
-                               "judge_expectile": 0.9, "value_fit": "target_q",
-                               "judge_target": "bootstrap"}
+                               "judge_expectile": 0.9, "value_fit": "target_q"}
 # Settings taken out since then because their measurements lost, with their "off" value: a
 # run made with one off is a run of this version; one made with it on cannot be rebuilt.
 SETTINGS_REMOVED_SINCE_FORMAT = {"filter_margin": 0.0, "kept_share": "positive", "joint_noise": 0.0,
                                  "encoder_bc_rows": 0, "image_coords": False, "value_return_bound": False,
                                  "critic_only_encoder": False}
+# Choices taken out of a setting that remains, for the same reason: a run made with one cannot
+# be rebuilt either.
+CHOICES_REMOVED_SINCE_FORMAT = {"episode_judge": ("thumbnail", "features")}
 
 
 def settings_of_this_version(stored):
@@ -248,6 +240,8 @@ def settings_of_this_version(stored):
     dropped when they were off. ValueError naming a taken-out setting that was on."""
     on = [f"{name}={stored[name]!r}" for name, off in SETTINGS_REMOVED_SINCE_FORMAT.items()
           if name in stored and stored[name] != off]
+    on += [f"{name}={stored[name]!r}" for name, removed in CHOICES_REMOVED_SINCE_FORMAT.items()
+           if stored.get(name) in removed]
     if on:
         raise ValueError(f"trained with {', '.join(on)}, a setting this version no longer has "
                          f"(its measurements lost; see docs/experiments/)")

@@ -2,9 +2,10 @@
 
     python benchmarks/episode_judgements.py --data D.hdf5 RUN/model_500.pth RUN/model_3000.pth ...
 
-For each checkpoint, the episode judgement the filter uses (A at an episode's first row:
-its n-step return against the value of its start) of every episode of the file, computed
-with that checkpoint's encoder and critic exactly as training computes it. Grouped by the
+For each checkpoint, the episode judgement the filter uses (A_episode at an episode's first
+row: its return against the bar, with --episode_judge return, or its n-step return against
+the critic's value of its start, with critic) of every episode of the file, computed with
+that checkpoint exactly as training computes it. Grouped by the
 file's operator label (the per-row ``behaviour`` of --create_sample, or an import's
 episodes/operator, e.g. robomimic's worse/okay/better) and by whether the
 episode is in the training split (the episodes the critic has fitted) or held out (never
@@ -12,8 +13,8 @@ seen). A filter that generalises keeps the same operators on both; one that has 
 its own training episodes drifts on those only. Prints one table per checkpoint: per
 behaviour and split, episodes, share judged above 0, the share the run's filter kept at
 that step (training episodes; what the CVAE imitated, which with --filter_band also
-depends on earlier judgements), mean A_episode and V at the episodes' first rows (the value
-the return is judged against: mean, 10th and 90th percentile). Starts are drawn alike for
+depends on earlier judgements), mean A_episode and the value the return is judged against
+(V at the episodes' first rows, or the bar: mean, 10th and 90th percentile). Starts are drawn alike for
 every operator, so V(start) should not depend on who recorded the episode; with
 --by_filter_state, a V that is lower at the starts of the episodes the run imitates than at
 the same operator's dropped and held-out ones has learnt them from training on them.
@@ -48,8 +49,7 @@ def episode_first_rows(buffer, episode_ids):
 def judge(agent, buffer, episode_ids):
     """A_episode of each episode through the agent's own ``_judge`` (with ``value_folds`` > 1,
     by a V head that never fitted the episode), and the value it is judged against: V at its
-    first row from that same head (or the judge heads' value, with --episode_judge thumbnail or features,
-    or the bar, with --episode_judge return)."""
+    first row from that same head (--episode_judge critic), or the bar (--episode_judge return)."""
     rows, kept_ids = episode_first_rows(buffer, episode_ids)
     if not len(rows):
         return np.zeros(0, int), np.zeros(0), np.zeros(0)
@@ -61,8 +61,6 @@ def judge(agent, buffer, episode_ids):
         out.append(advantage)
         if agent.config.episode_judge == "return":   # a bar fixed by the data: the same for every episode
             values.append(torch.full((len(first_rows),), agent._return_bar()))
-        elif getattr(agent, "judge", None) is not None:   # --episode_judge thumbnail or features: its heads' value
-            values.append(agent._judge_value(agent._judge_input(batch.images, batch.joint), episode, offset=1))
         else:
             feature = agent.encoder(batch.images, batch.joint)
             values.append(agent.critic.v(feature, agent._fold(episode, offset=1)).squeeze(1))

@@ -2,11 +2,11 @@
 
     python benchmarks/return_expectiles.py --data runs/reach_hesitant.hdf5 [--discount 0.99]
 
-An episode judge fitted at an expectile of every operator's returns from a state (the
-`--episode_judge` heads at `--judge_expectile`) tends to that expectile of the returns
-from the episodes' starts. This prints, from the file alone, the discounted return of each
-episode grouped by operator label (mean, 10th and 90th percentile, max) and the expectiles
-of all of them, so a judge's V at the starts can be read against them.
+The episode filter's default bar (`--episode_judge return`) is the `--judge_expectile` of
+the training episodes' discounted returns from their first rows. This prints, from the file
+alone, the discounted return of each episode grouped by operator label (mean, 10th and 90th
+percentile, max) and the expectiles of all of them, so where a bar would fall can be read
+against each operator's returns before training.
 """
 import argparse
 import os

@@ -240,6 +240,12 @@ def test_a_checkpoint_of_a_setting_taken_out_loads_when_it_was_off_and_is_refuse
     torch.save(ckpt, path)
     with pytest.raises(algos.CheckpointError, match="encoder_bc_rows=32"):
         algos.MultimodalLatent.from_checkpoint(str(path), device="cpu")
+    # a choice taken out of a setting that remains is refused by name too
+    ckpt["config"]["encoder_bc_rows"] = 0
+    ckpt["config"]["episode_judge"] = "thumbnail"
+    torch.save(ckpt, path)
+    with pytest.raises(algos.CheckpointError, match="episode_judge='thumbnail'"):
+        algos.MultimodalLatent.from_checkpoint(str(path), device="cpu")
 
 
 def test_a_checkpoint_of_another_format_is_refused_by_name(lapo, tmp_path):
