@@ -15,8 +15,9 @@ five back, for ablations; docs/design.md says why, docs/experiments/ has the mea
   * the episode filter: the CVAE skips the episodes whose discounted return falls short of
     a bar, by default the ``judge_expectile`` of every training episode's return, which the
     data fixes before training so that nothing the run learns can move it (``episode_judge``
-    critic judges against the critic's V at the episode's start instead), and every batch (``kept_batch_frac``) is drawn from the
-    episodes it keeps, so that the CVAE has a whole batch to imitate at every step;
+    critic judges against the critic's V at the episode's start instead), and every batch
+    (``kept_batch_frac``) is drawn from the episodes it keeps, so that the CVAE has a whole
+    batch to imitate at every step;
   * the policy acts through Polyak averages of all it is made of: the encoder's average,
     the latent actor's and the decoder's (the targets), not the online networks, whose
     last few hundred steps swing the policy's success by +-0.1;
@@ -112,6 +113,8 @@ def use_bf16(amp, device):
 
 
 RETURN_BAR_TOLERANCE = 1e-5   # returns (in units of the largest one-step reward) this close below the bar clear it
+
+
 def mlp(in_dim, out_dim, hidden=(256, 256, 256)):
     """Linear-ReLU stack: the one network block every head is built from."""
     layers, width = [], in_dim
@@ -895,10 +898,10 @@ class MultimodalLatent(MultimodalAgent):
 
     def _kept(self, episode_advantage):
         """The episode filter's rule: imitate an episode if its ``A_episode`` (its return
-        against the bar, or against its start's value) is above 0 (not yet judged, NaN: kept). Why 0: a margin
-        below it, or Otsu's cut between the groups of judgements, let in the poor episodes
-        whose judgements rise towards 0 as the critic fits its training episodes
-        (docs/experiments/); CRR's binary filter is A > 0 too."""
+        against the bar, or against its start's value) is above 0 (not yet judged, NaN:
+        kept). Why 0: a margin below it, or Otsu's cut between the groups of judgements, let
+        in the poor episodes whose judgements rise towards 0 as the critic fits its training
+        episodes (docs/experiments/); CRR's binary filter is A > 0 too."""
         return torch.isnan(episode_advantage) | (episode_advantage > 0)
 
     def _episode_state(self, buffer):
