@@ -797,7 +797,7 @@ class MultimodalLatent(MultimodalAgent):
         self.critic_optimizer = adam(self.critic.parameters(), c.critic_lr, dev)
         # only the policy acts through it: training encodes with the online encoder
         self.encoder_target = frozen_copy(self.encoder) if c.polyak_acting else None
-        self._return_bar_value = None   # with --episode_judge return (_return_bar)
+        self._return_bar_cache = None   # with --episode_judge return: (training buffer, its bar), _return_bar
 
     def _modules(self):
         modules = {"encoder": self.encoder, "actor_vae": self.actor_vae, "actor_vae_target": self.actor_vae_target,
@@ -958,9 +958,11 @@ class MultimodalLatent(MultimodalAgent):
         """(episode index, A_episode) of the episodes whose first rows are given: the
         episode's discounted return less the bar (--episode_judge return, ``_return_bar``), or
         A at that row with the current encoder and critic (critic)."""
-        batch = (buffer or self.replay_buffer).gather(first_rows)
-        if self.config.episode_judge == "return":
-            return batch.episode, batch.return_to_end - self._return_bar()
+        buffer = buffer or self.replay_buffer
+        if self.config.episode_judge == "return":   # no network: the file's returns, no images gathered
+            episode = buffer.episode_index.index_select(0, first_rows).to(self.device)
+            return episode, buffer.return_to_end.index_select(0, first_rows).to(self.device) - self._return_bar()
+        batch = buffer.gather(first_rows)
         with self._autocast():
             feature = self._encode(batch.images, batch.joint)
             next_feature = self._encode(batch.next_images, batch.next_joint)
@@ -973,14 +975,14 @@ class MultimodalLatent(MultimodalAgent):
     def _return_bar(self):
         """With --episode_judge return, the bar an episode's return must clear: the
         ``judge_expectile`` of the training episodes' discounted returns from their first rows,
-        fixed by the data (computed once), less ``RETURN_BAR_TOLERANCE``: a return at the bar
-        clears it, so data whose episodes all return the same (no reward signal) is imitated
-        whole rather than dropped whole."""
-        if self._return_bar_value is None:
-            buffer = self.replay_buffer
+        fixed by the data (computed once per training buffer), less ``RETURN_BAR_TOLERANCE``: a
+        return at the bar clears it, so data whose episodes all return the same (no reward
+        signal) is imitated whole rather than dropped whole."""
+        buffer = self.replay_buffer
+        if self._return_bar_cache is None or self._return_bar_cache[0] is not buffer:
             returns = buffer.return_to_end.index_select(0, buffer.train_episode_first_rows).cpu().numpy()
-            self._return_bar_value = expectile(returns, self.config.judge_expectile) - RETURN_BAR_TOLERANCE
-        return self._return_bar_value
+            self._return_bar_cache = (buffer, expectile(returns, self.config.judge_expectile) - RETURN_BAR_TOLERANCE)
+        return self._return_bar_cache[1]
 
     def _training_state(self):
         if self.episode_advantage is None:

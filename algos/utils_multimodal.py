@@ -233,7 +233,6 @@ class Batch:
     next_images: torch.Tensor = None   # the observation k steps on, which bootstraps
     next_joint: torch.Tensor = None
     observed_return: torch.Tensor = None   # [B, 1], -inf where the episode was cut off
-    return_to_end: torch.Tensor = None     # [B] discounted return to the episode's last row, cut off or not
     episode: torch.Tensor = None           # [B] index of each row's episode in the file
 
 
@@ -305,6 +304,8 @@ class MultimodalReplayBuffer:
         self.discounts = torch.from_numpy(discounts).to(dev)
         self.observed_return = torch.from_numpy(
             observed_returns(rewards, dataset.terminals, dataset.timeouts, discount)).to(dev)
+        # per row: the discounted return to its episode's last row, cut off or not (the default
+        # episode filter's judgement at a first row)
         self.return_to_end = torch.from_numpy(
             discounted_suffix_sums(rewards, dataset.terminals, dataset.timeouts, discount).astype(np.float32)).to(dev)
         self.next_index = torch.from_numpy(next_index).to(dev)
@@ -357,7 +358,6 @@ class MultimodalReplayBuffer:
             discount=self.discounts.index_select(0, rows).unsqueeze(1).to(self.device, non_blocking=non_blocking),
             observed_return=self.observed_return.index_select(0, rows).unsqueeze(1).to(self.device,
                                                                                        non_blocking=non_blocking),
-            return_to_end=self.return_to_end.index_select(0, rows).to(self.device, non_blocking=non_blocking),
             episode=self.episode_index.index_select(0, rows).to(self.device, non_blocking=non_blocking),
         )
         if with_next:

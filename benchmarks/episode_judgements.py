@@ -57,11 +57,11 @@ def judge(agent, buffer, episode_ids):
     for start in range(0, len(rows), 256):
         first_rows = torch.from_numpy(rows[start:start + 256])
         episode, advantage = agent._judge(first_rows, buffer)
-        batch = buffer.gather(first_rows)
         out.append(advantage)
         if agent.config.episode_judge == "return":   # a bar fixed by the data: the same for every episode
             values.append(torch.full((len(first_rows),), agent._return_bar()))
         else:
+            batch = buffer.gather(first_rows)
             feature = agent.encoder(batch.images, batch.joint)
             values.append(agent.critic.v(feature, agent._fold(episode, offset=1)).squeeze(1))
     return np.array(kept_ids), torch.cat(out).float().numpy(), torch.cat(values).numpy()

@@ -17,17 +17,17 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from algos.hdf5_format import episode_ends, read_episode_labels  # noqa: E402
-from algos.utils_multimodal import expectile  # noqa: E402
+from algos.utils_multimodal import discounted_suffix_sums, expectile  # noqa: E402
 
 EXPECTILES = (0.7, 0.9, 0.95, 0.97, 0.99)
 
 
 def discounted_returns(f, discount):
-    """The discounted return of each episode of an open file, from its first row."""
-    rewards = np.asarray(f["rewards"][:], np.float64).reshape(-1)
-    stops = np.flatnonzero(episode_ends(f)) + 1
-    starts = np.concatenate([[0], stops[:-1]])
-    return np.array([(rewards[a:b] * discount ** np.arange(b - a)).sum() for a, b in zip(starts, stops)])
+    """The discounted return of each episode of an open file, from its first row (to its
+    last row, as the default episode filter judges it)."""
+    ends = episode_ends(f)
+    suffix = discounted_suffix_sums(np.asarray(f["rewards"][:]).reshape(-1), ends, np.zeros_like(ends), discount)
+    return suffix[np.concatenate([[0], np.flatnonzero(ends)[:-1] + 1])]
 
 
 def main(argv=None):
