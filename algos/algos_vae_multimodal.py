@@ -936,7 +936,9 @@ class MultimodalLatent(MultimodalAgent):
         uniform batch gives it a few rows a step where behaviour cloning on the same
         episodes would have the whole batch. The critic learns from the same batch."""
         buffer = self.replay_buffer
-        if not self.config.episode_filter or self.config.kept_batch_frac <= 0 or self.episode_advantage is None:
+        if self.config.episode_filter:   # judged before the batch is drawn, so it follows this step's filter
+            self._refresh_episode_advantage()
+        if not self.config.episode_filter or self.config.kept_batch_frac <= 0:
             return buffer.sample(batch_size, with_next=self.needs_next_obs)
         return buffer.sample(batch_size, with_next=self.needs_next_obs,
                              episode_mask=self.episode_kept, masked_frac=self.config.kept_batch_frac)
@@ -945,10 +947,14 @@ class MultimodalLatent(MultimodalAgent):
     def _refresh_episode_advantage(self, n_episodes=EPISODES_JUDGED_PER_STEP):
         """Judge the next ``n_episodes`` training episodes (round robin, by step count, so a
         resumed run judges the same ones) at their first rows (``_judge``). With the critic
-        judge it costs 2 x ``n_episodes`` forward passes of the encoder a step."""
+        judge it costs 2 x ``n_episodes`` forward passes of the encoder a step; the return
+        judge needs no network and judges every training episode, so the first batch is
+        already filtered."""
         buffer = self.replay_buffer
         self._episode_state(buffer)
         first_rows = buffer.train_episode_first_rows
+        if self.config.episode_judge == "return":
+            n_episodes = len(first_rows)
         n = min(n_episodes, len(first_rows))
         pick = (torch.arange(n) + self.total_it * n) % len(first_rows)
         self._record_judgement(*self._judge(first_rows.index_select(0, pick.to(first_rows.device))))
@@ -1008,8 +1014,6 @@ class MultimodalLatent(MultimodalAgent):
         return None if folds == 1 else (episode + offset) % folds
 
     def _train_step(self, batch):
-        if self.config.episode_filter:
-            self._refresh_episode_advantage()
         obs_feature = self._encode_for_training(batch)
         with self._autocast(), torch.no_grad():
             next_obs_feature = self._encode(self._augment(batch.next_images), batch.next_joint)
@@ -1048,7 +1052,7 @@ class MultimodalLatent(MultimodalAgent):
         with torch.no_grad():
             advantage = self._advantage(state, next_obs_feature, reward, discount, fold)
             episode_advantage = kept = None
-            if self.config.episode_filter and batch.episode is not None:
+            if self.episode_advantage is not None and batch.episode is not None:   # the filter's state
                 episode_advantage = self.episode_advantage[batch.episode].unsqueeze(1)
                 kept = self.episode_kept[batch.episode].unsqueeze(1)
             advantage_weight = self._advantage_weight(advantage, episode_advantage, kept)

@@ -450,13 +450,16 @@ def test_judge_return_keeps_the_episodes_whose_return_clears_the_expectile_of_th
     for first_rows in (buffer.train_episode_first_rows, buffer.test_episode_first_rows):
         episode, advantage = agent._judge(first_rows)
         torch.testing.assert_close(advantage, buffer.return_to_end[first_rows] - torch.tensor(bar, dtype=torch.float32))
-    agent.train(3, 8)
+    drawn = []   # every training episode is judged before the first batch is drawn from the kept ones
+    train_step = agent._train_step
+    agent._train_step = lambda batch: drawn.append(batch.episode) or train_step(batch)
+    agent.train(1, 8)
     expected_kept = (buffer.return_to_end[buffer.train_episode_first_rows] > bar)
     episodes = buffer.episode_index[buffer.train_episode_first_rows]
-    judged = ~torch.isnan(agent.episode_advantage[episodes])   # round robin, EPISODES_JUDGED_PER_STEP a step
-    assert judged.sum() == min(len(episodes), 3 * algos.EPISODES_JUDGED_PER_STEP)
-    assert torch.equal(agent.episode_kept[episodes][judged], expected_kept[judged])
+    assert not torch.isnan(agent.episode_advantage[episodes]).any()
+    assert torch.equal(agent.episode_kept[episodes], expected_kept)
     assert 0 < expected_kept.sum() < len(episodes)
+    assert set(drawn[0].tolist()) <= set(episodes[expected_kept].tolist())
     # returns that are all alike (no reward signal) clear the bar: every episode is imitated
     flat = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu",
                                   episode_judge="return")
@@ -504,6 +507,7 @@ def test_batches_come_from_the_episodes_the_filter_keeps(tiny_dataset):
     agent.episode_advantage = torch.full((buffer.n_episodes,), -1.0)
     agent.episode_advantage[train_eps[0]] = 0.3
     agent.episode_kept = agent._kept(agent.episode_advantage)
+    agent._refresh_episode_advantage = lambda: None   # the filter's state as set above
     for _ in range(10):   # by default the whole batch
         assert agent._sample_batch(8).episode.tolist() == [train_eps[0]] * 8
     agent.config = dataclasses.replace(agent.config, kept_batch_frac=0.5)   # the last half of it
