@@ -940,28 +940,8 @@ class MultimodalLatent(MultimodalAgent):
             self._refresh_episode_advantage()
         if not self.config.episode_filter or self.config.kept_batch_frac <= 0:
             return buffer.sample(batch_size, with_next=self.needs_next_obs)
-        episode_mask = self._episode_draw_weight() if self.config.kept_batch_by_weight else self.episode_kept
         return buffer.sample(batch_size, with_next=self.needs_next_obs,
-                             episode_mask=episode_mask, masked_frac=self.config.kept_batch_frac)
-
-    def _episode_draw_weight(self):
-        """With ``kept_batch_by_weight``, how often the kept share of a batch draws each
-        episode's rows: the CVAE weight of its judgement, ``exp(A_episode / T)`` clipped (1
-        before it is judged), 0 where the filter drops it. ``_update_heads`` divides it out of
-        each such row's weight, so the objective is the same."""
-        judged = self.episode_advantage.nan_to_num(0.0)
-        weight = torch.exp(judged / self.config.weight_temperature).clamp(max=MAX_ADVANTAGE_WEIGHT)
-        return weight * self.episode_kept
-
-    def _draw_correction(self, episode):
-        """Factor on the CVAE weight of rows of ``episode`` drawn by ``_episode_draw_weight``:
-        1 / their draw weight (the same expectation as a uniform draw over the kept rows),
-        times the mean draw weight of a kept row (the same scale, so the CVAE's gradient keeps
-        its size against the critic's in the shared encoder)."""
-        draw_weight = self._episode_draw_weight()
-        rows = self.replay_buffer.train_rows_per_episode.to(draw_weight.device)
-        mean_draw_weight = (draw_weight * rows).sum() / (self.episode_kept * rows).sum().clamp(min=1)
-        return (mean_draw_weight / draw_weight[episode].clamp(min=1e-12)).unsqueeze(1)
+                             episode_mask=self.episode_kept, masked_frac=self.config.kept_batch_frac)
 
     @torch.no_grad()
     def _refresh_episode_advantage(self, n_episodes=EPISODES_JUDGED_PER_STEP):
@@ -1076,12 +1056,6 @@ class MultimodalLatent(MultimodalAgent):
                 episode_advantage = self.episode_advantage[batch.episode].unsqueeze(1)
                 kept = self.episode_kept[batch.episode].unsqueeze(1)
             advantage_weight = self._advantage_weight(advantage, episode_advantage, kept)
-            if episode_advantage is not None and self.config.kept_batch_by_weight and self.config.kept_batch_frac > 0:
-                # the kept share (the batch's last rows) was drawn by its episodes' weights
-                n = len(advantage_weight)   # the kept share: the batch's last rows
-                by_weight = torch.arange(n, device=self.device).unsqueeze(1) >= n - round(self.config.kept_batch_frac * n)
-                advantage_weight = torch.where(by_weight, advantage_weight * self._draw_correction(batch.episode),
-                                               advantage_weight)
         recon_action, mean, log_var = self.actor_vae(feature, action)
         recon_loss = (recon_action - action).pow(2).sum(1, keepdim=True)
         kl_loss = -0.5 * (1 + log_var - mean.pow(2) - log_var.exp()).sum(1, keepdim=True)

@@ -133,11 +133,6 @@ class TrainConfig:
     kept_batch_frac: float = setting(1.0, "with the episode filter, the share of each batch drawn from the "
                                           "episodes it keeps (the rest uniform over the training rows; 0: "
                                           "uniform batches)", "algorithm", unit_interval="[]")
-    kept_batch_by_weight: bool = setting(False, "with the episode filter, draw the kept share of each batch in "
-                                                "proportion to each episode's CVAE weight and divide that weight "
-                                                "out of the loss: the same weighted objective, with the batch "
-                                                "spent on the rows it weighs rather than on kept episodes it "
-                                                "weighs a hundredth as much", "algorithm")
 
     # ---- run: bookkeeping, free to change on resume
     seed: int = setting(0, "seed of the weights, the batches and the train/test split of episodes", "run")
@@ -228,7 +223,7 @@ SEED_FIELDS = ("seed",)   # the split of episodes depends on it: fixed on resume
 # of the "run" group (bookkeeping, free to change on resume) that a stored run lacks take this
 # version's defaults.
 SETTINGS_ADDED_SINCE_FORMAT = {"feature_dropout": 0.0, "filter_band": 0.0, "episode_judge": "critic",
-                               "judge_expectile": 0.9, "value_fit": "target_q", "kept_batch_by_weight": False}
+                               "judge_expectile": 0.9, "value_fit": "target_q"}
 # Settings taken out since then because their measurements lost, with their "off" value: a
 # run made with one off is a run of this version; one made with it on cannot be rebuilt.
 SETTINGS_REMOVED_SINCE_FORMAT = {"filter_margin": 0.0, "kept_share": "positive", "joint_noise": 0.0,

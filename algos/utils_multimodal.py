@@ -317,7 +317,6 @@ class MultimodalReplayBuffer:
         self.test_episode_first_rows = torch.from_numpy(test_rows[first].astype(np.int64)).to(dev)
         self.train_rows = torch.from_numpy(train_rows).to(dev)
         self.train_row_episode = self.episode_index.index_select(0, self.train_rows)
-        self.train_rows_per_episode = torch.bincount(self.train_row_episode, minlength=self.n_episodes).float()
         self.test_rows = torch.from_numpy(test_rows).to(dev)
         # A fixed, evenly spread subset of the test rows keeps held-out metrics comparable.
         pick = np.unique(np.linspace(0, len(test_rows) - 1, min(max_test_rows, len(test_rows))).astype(int))

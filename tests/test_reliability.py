@@ -2,7 +2,6 @@
 import csv
 import dataclasses
 import glob
-import math
 import json
 import os
 import shutil
@@ -517,35 +516,6 @@ def test_batches_come_from_the_episodes_the_filter_keeps(tiny_dataset):
     assert len(set(torch.cat([batch[:4] for batch in halves]).tolist())) > 1
     agent.config = dataclasses.replace(agent.config, kept_batch_frac=0.0)   # uniform batches
     assert len(set(torch.cat([agent._sample_batch(8).episode for _ in range(10)]).tolist())) > 1
-
-
-def test_kept_batch_by_weight_draws_episodes_by_their_weight_with_the_same_objective(tiny_dataset):
-    """--kept_batch_by_weight: the kept share of a batch draws each kept episode's rows in
-    proportion to its CVAE weight exp(A_episode / T), and the correction on the CVAE weight
-    makes every kept row count as under a uniform draw over the kept rows (same expectation
-    and scale); dropped episodes are never drawn."""
-    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(tiny_dataset, progress=False), train_test_split=0.8, seed=0)
-    agent = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16, device="cpu",
-                                   kept_batch_by_weight=True, weight_temperature=0.1)
-    first, second = sorted(buffer.train_episode_ids.tolist())[:2]
-    agent._episode_state(buffer)
-    agent.episode_advantage = torch.full((buffer.n_episodes,), -1.0)
-    agent.episode_advantage[first], agent.episode_advantage[second] = 0.1 * math.log(2), 0.1 * math.log(8)
-    agent.episode_kept = agent._kept(agent.episode_advantage)
-    agent._refresh_episode_advantage = lambda: None   # the filter's state as set above
-    drawn = torch.cat([agent._sample_batch(64).episode for _ in range(100)])
-    assert set(drawn.tolist()) == {first, second}
-    rows = buffer.train_rows_per_episode
-    expected_ratio = 8 * rows[second] / (2 * rows[first])
-    assert (drawn == second).sum() / (drawn == first).sum() == pytest.approx(expected_ratio.item(), rel=0.15)
-    # probability of drawing one row of each episode x its correction = 1 / the kept rows
-    draw_weight = agent._episode_draw_weight()
-    row_probability = draw_weight / (draw_weight * rows).sum()
-    episodes = torch.tensor([first, second])
-    corrected = row_probability[episodes] * agent._draw_correction(episodes).squeeze(1)
-    torch.testing.assert_close(corrected, torch.full((2,), 1 / (rows[first] + rows[second]).item()))
-    losses = agent.train(2, 8)   # and it trains, drawing this way
-    assert np.isfinite(losses["vae_loss"])
 
 
 def test_advantage_weights_exponential_or_two_valued(tiny_dataset):
