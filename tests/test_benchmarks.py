@@ -166,3 +166,17 @@ def test_suite_screen_runs_the_dev_reach_variants_and_full_runs_every_dev_varian
     assert suite.selected_variants(parse([])) == simulator.variant_names("dev")
     assert suite.selected_variants(parse(["--preset", "screen", "--split", "test"])) == simulator.variant_names("test")
     assert suite.selected_variants(parse(["--preset", "screen", "--variants", "carry_dense"])) == ["carry_dense"]
+
+
+def test_batch_composition_counts_the_kept_operators_rows(sim_dataset, capsys):
+    """batch_composition.py: the rows the filter's first batches hold, per operator; the
+    operators whose episodes the return bar drops get none."""
+    import batch_composition
+    batch_composition.main(["--data", str(sim_dataset), "--batches", "5", "--batch_size", "16",
+                            "--set", "obs_feature_dim=32", "--set", "image_feature_dim=16"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith("| operator")]
+    shares = {name.strip(): (int(kept), float(share.strip(" %")) / 100) for name, _, kept, share in rows}
+    assert sum(share for _, share in shares.values()) == pytest.approx(1.0, abs=0.02)
+    assert all(share == 0 for kept, share in shares.values() if kept == 0)
+    assert any(kept == 0 for kept, _ in shares.values())
