@@ -763,7 +763,9 @@ def _record_episode(env, behaviour, seed, max_rows):
 # the kinds of poor operator, dense or sparse reward, episode length, the task. Every one
 # holds a clearly bad operator (wrong goal or stopping short). "dev" variants are for
 # choosing defaults; "test" variants only for reporting, and each differs from every dev
-# variant in at least one of those axes (the long episodes are seen only in test).
+# variant in at least one of those axes. Every axis a test variant varies (a tenth of
+# the episodes expert, long slow episodes) is also varied by some dev variant, so a
+# weakness a test variant shows can be studied without choosing on it.
 VARIANTS = {
     "reach_wrong40": {
         "simulator": "dual_arm_reach", "config": {"reward": "dense", "max_steps": 50},
@@ -781,6 +783,14 @@ VARIANTS = {
         "simulator": "dual_arm_carry", "config": {"reward": "dense", "max_steps": 80},
         "mix": {"expert": 0.35, "wrong": 0.3, "hesitant": 0.15, "noisy": 0.2}, "split": "dev",
         "description": "carry the red box into the zone; the wrong operator carries the blue one"},
+    "reach_expert10_short": {
+        "simulator": "dual_arm_reach", "config": {"reward": "dense", "max_steps": 50},
+        "mix": {"expert": 0.1, "short": 0.3, "hesitant": 0.35, "noisy": 0.25}, "split": "dev",
+        "description": "one episode in ten is expert; more hesitant ones than anything, some stopping short"},
+    "reach_long_short": {
+        "simulator": "dual_arm_reach", "config": {"reward": "sparse", "max_steps": 120, "joint_speed": 0.05},
+        "mix": {"expert": 0.3, "short": 0.4, "noisy": 0.3}, "split": "dev",
+        "description": "arms at a third of the speed, 120-step episodes, sparse reward; many stop short"},
     "reach_expert10": {
         "simulator": "dual_arm_reach", "config": {"reward": "dense", "max_steps": 50},
         "mix": {"expert": 0.1, "wrong": 0.3, "hesitant": 0.3, "noisy": 0.3}, "split": "test",

@@ -69,7 +69,7 @@ Presets (explicit flags override their values):
   full    32x32 images, 20000 rows, 3000 steps, a checkpoint every 500 steps, 100 rollout
           episodes, seeds 0 1 2, LAPO and BC, --jobs 2 (the default preset). About 7 to 10 h
           per 3 variants on 2 cores (the start-up estimate at 0.87 and 0.6 LAPO steps/s; the
-          dev split has 4): run it in parts (--variants), then --skip_training.
+          dev split has 6): run it in parts (--variants), then --skip_training.
 """
 import argparse
 import hashlib
