@@ -101,6 +101,12 @@ class TrainConfig:
                                           "to be kept (0.5: the data's mean; towards 1: towards the best "
                                           "episode's)",
                                      "algorithm", unit_interval="()")
+    judge_discount: Optional[float] = setting(None, "with --episode_judge return, the discount of the returns "
+                                                    "the bar compares (default: --discount). Lower favours the "
+                                                    "episodes that reach their rewards sooner: a slow operator "
+                                                    "who gets there in time falls below the bar sooner than a "
+                                                    "fast one with a farther start",
+                                              "algorithm", unit_interval="(]")
     value_fit: str = setting("target_q", "which critic's Q at the data's own actions V fits at --value_expectile: "
                                          "the target critic's (target_q, IQL's), or the online critic's (q: no "
                                          "Polyak lag between the returns Q fits and V, so V and the episode "
@@ -223,7 +229,7 @@ SEED_FIELDS = ("seed",)   # the split of episodes depends on it: fixed on resume
 # of the "run" group (bookkeeping, free to change on resume) that a stored run lacks take this
 # version's defaults.
 SETTINGS_ADDED_SINCE_FORMAT = {"feature_dropout": 0.0, "filter_band": 0.0, "episode_judge": "critic",
-                               "judge_expectile": 0.9, "value_fit": "target_q"}
+                               "judge_expectile": 0.9, "value_fit": "target_q", "judge_discount": None}
 # Settings taken out since then because their measurements lost, with their "off" value: a
 # run made with one off is a run of this version; one made with it on cannot be rebuilt.
 SETTINGS_REMOVED_SINCE_FORMAT = {"filter_margin": 0.0, "kept_share": "positive", "joint_noise": 0.0,

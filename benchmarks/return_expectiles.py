@@ -6,7 +6,9 @@ The episode filter's default bar (`--episode_judge return`) is the `--judge_expe
 the training episodes' discounted returns from their first rows. This prints, from the file
 alone, the discounted return of each episode grouped by operator label (mean, 10th and 90th
 percentile, max) and the expectiles of all of them, so where a bar would fall can be read
-against each operator's returns before training.
+against each operator's returns before training. The last column counts each operator's
+episodes that clear the `--judge_expectile` bar over all of the file's episodes (training
+computes it over the training episodes only, so its bar differs slightly).
 """
 import argparse
 import os
@@ -35,18 +37,21 @@ def main(argv=None):
     p.add_argument("--data", required=True)
     p.add_argument("--discount", type=float, default=0.99)
     p.add_argument("--label", default="operator", help="the episode label to group by")
+    p.add_argument("--judge_expectile", type=float, default=0.9,
+                   help="the bar whose kept episodes the last column counts (training's default 0.9)")
     args = p.parse_args(argv)
     with h5py.File(args.data, "r") as f:
         returns = discounted_returns(f, args.discount)
         labels = read_episode_labels(f).get(args.label)
     print(f"{args.data}: {len(returns)} episodes, discounted returns (discount {args.discount})")
-    print("| operator | episodes | mean | 10th percentile | 90th percentile | max |")
-    print("|---|---|---|---|---|---|")
+    bar = expectile(returns, args.judge_expectile)
+    print(f"| operator | episodes | mean | 10th percentile | 90th percentile | max | kept at the {args.judge_expectile} bar |")
+    print("|---|---|---|---|---|---|---|")
     groups = {"all": returns} if labels is None else {
         name: returns[np.asarray(labels) == name] for name in sorted(set(labels))}
     for name, values in groups.items():
         print(f"| {name} | {len(values)} | {values.mean():.2f} | {np.percentile(values, 10):.2f} | "
-              f"{np.percentile(values, 90):.2f} | {values.max():.2f} |")
+              f"{np.percentile(values, 90):.2f} | {values.max():.2f} | {int((values >= bar).sum())} |")
     print("expectiles of all episodes' returns: "
           + ", ".join(f"{tau}: {expectile(returns, tau):.2f}" for tau in EXPECTILES))
 
