@@ -13,7 +13,8 @@ five back, for ablations; docs/design.md says why, docs/experiments/ has the mea
     advantages of the good data go negative with it;
   * the CVAE's weights are exp(A / ``weight_temperature``), as in AWR, not LAPO's two values;
   * the episode filter: the CVAE skips the episodes whose discounted return falls short of
-    a bar, by default the ``judge_expectile`` of every training episode's return, which the
+    a bar, by default the ``judge_expectile`` of every training episode's return (discounted
+    at ``judge_discount``, by default the critic's discount), which the
     data fixes before training so that nothing the run learns can move it (``episode_judge``
     critic judges against the critic's V at the episode's start instead), and every batch
     (``kept_batch_frac``) is drawn from the episodes it keeps, so that the CVAE has a whole
