@@ -887,14 +887,18 @@ class MultimodalLatent(MultimodalAgent):
         ``exp(max(A, A_episode) / T)``. Why: a small weight does not stop a bad behaviour
         from being imitated in the states only it visited, and those are the states a
         policy drifts into; weighted by ``exp(A / T)`` alone, the good behaviour's own last
-        steps (A near 0: nobody else acted there) weigh no more than anyone's."""
+        steps (A near 0: nobody else acted there) weigh no more than anyone's. With
+        ``kept_weight="uniform"`` every kept row weighs 1."""
         if self.config.original_lapo:
             return torch.where(advantage > 0, self.config.expectile, 1 - self.config.expectile)
         if episode_advantage is not None:
+            kept = self._kept(episode_advantage) if kept is None else kept
+            if self.config.kept_weight == "uniform":
+                return kept.to(advantage.dtype)
             judged = ~torch.isnan(episode_advantage)
             advantage = torch.where(judged, torch.maximum(advantage, episode_advantage), advantage)
             weight = torch.exp(advantage / self.config.weight_temperature).clamp(max=MAX_ADVANTAGE_WEIGHT)
-            return weight * (self._kept(episode_advantage) if kept is None else kept)
+            return weight * kept
         return torch.exp(advantage / self.config.weight_temperature).clamp(max=MAX_ADVANTAGE_WEIGHT)
 
     def _kept(self, episode_advantage):

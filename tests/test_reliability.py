@@ -553,6 +553,14 @@ def test_advantage_weights_exponential_or_two_valued(tiny_dataset):
                                          device="cpu", weight_temperature=0.1)
     expected = [float(np.exp(-10)), 1.0, float(np.exp(0.5)), algos.MAX_ADVANTAGE_WEIGHT]
     assert exponential._advantage_weight(advantage).squeeze(1).tolist() == pytest.approx(expected)
+    # --kept_weight uniform: 1 on every row of a kept episode, 0 on a dropped one, whatever A says
+    uniform = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16,
+                                     device="cpu", kept_weight="uniform")
+    episode_advantage = torch.tensor([[0.3], [-0.2], [0.01], [float("nan")]])
+    kept = torch.tensor([[True], [False], [True], [True]])
+    assert uniform._advantage_weight(advantage, episode_advantage, kept).squeeze(1).tolist() == [1.0, 0.0, 1.0, 1.0]
+    assert exponential._advantage_weight(advantage, episode_advantage, kept).squeeze(1).tolist() == pytest.approx(
+        [float(np.exp(3)), 0.0, float(np.exp(0.5)), algos.MAX_ADVANTAGE_WEIGHT])
 
 
 # --------------------------------------------------------------------------- run bookkeeping
