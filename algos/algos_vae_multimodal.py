@@ -13,8 +13,7 @@ five back, for ablations; docs/design.md says why, docs/experiments/ has the mea
     advantages of the good data go negative with it;
   * the CVAE's weights are exp(A / ``weight_temperature``), as in AWR, not LAPO's two values;
   * the episode filter: the CVAE skips the episodes whose discounted return falls short of
-    a bar, by default the ``judge_expectile`` of every training episode's return (discounted
-    at ``judge_discount``, by default the critic's discount), which the
+    a bar, by default the ``judge_expectile`` of every training episode's return, which the
     data fixes before training so that nothing the run learns can move it (``episode_judge``
     critic judges against the critic's V at the episode's start instead), and every batch
     (``kept_batch_frac``) is drawn from the episodes it keeps, so that the CVAE has a whole
@@ -887,18 +886,14 @@ class MultimodalLatent(MultimodalAgent):
         ``exp(max(A, A_episode) / T)``. Why: a small weight does not stop a bad behaviour
         from being imitated in the states only it visited, and those are the states a
         policy drifts into; weighted by ``exp(A / T)`` alone, the good behaviour's own last
-        steps (A near 0: nobody else acted there) weigh no more than anyone's. With
-        ``kept_weight="uniform"`` every kept row weighs 1."""
+        steps (A near 0: nobody else acted there) weigh no more than anyone's."""
         if self.config.original_lapo:
             return torch.where(advantage > 0, self.config.expectile, 1 - self.config.expectile)
         if episode_advantage is not None:
-            kept = self._kept(episode_advantage) if kept is None else kept
-            if self.config.kept_weight == "uniform":
-                return kept.to(advantage.dtype)
             judged = ~torch.isnan(episode_advantage)
             advantage = torch.where(judged, torch.maximum(advantage, episode_advantage), advantage)
             weight = torch.exp(advantage / self.config.weight_temperature).clamp(max=MAX_ADVANTAGE_WEIGHT)
-            return weight * kept
+            return weight * (self._kept(episode_advantage) if kept is None else kept)
         return torch.exp(advantage / self.config.weight_temperature).clamp(max=MAX_ADVANTAGE_WEIGHT)
 
     def _kept(self, episode_advantage):

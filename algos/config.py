@@ -101,12 +101,6 @@ class TrainConfig:
                                           "to be kept (0.5: the data's mean; towards 1: towards the best "
                                           "episode's)",
                                      "algorithm", unit_interval="()")
-    judge_discount: Optional[float] = setting(None, "with --episode_judge return, the discount of the returns "
-                                                    "the bar compares (default: --discount). Lower favours the "
-                                                    "episodes that reach their rewards sooner: a slow operator "
-                                                    "who gets there in time falls below the bar sooner than a "
-                                                    "fast one with a farther start",
-                                              "algorithm", unit_interval="(]")
     value_fit: str = setting("target_q", "which critic's Q at the data's own actions V fits at --value_expectile: "
                                          "the target critic's (target_q, IQL's), or the online critic's (q: no "
                                          "Polyak lag between the returns Q fits and V, so V and the episode "
@@ -136,11 +130,6 @@ class TrainConfig:
                                       "(its first judgement: its sign; 0: kept while judged above 0). Why: V fits "
                                       "each training episode's own return, so late judgements drift to 0 and a cut "
                                       "at 0 then keeps or drops episodes by chance", "algorithm")
-    kept_weight: str = setting("advantage", "the CVAE's weight on the rows of the episodes the filter keeps: "
-                                            "advantage, exp(max(A, A_episode) / --weight_temperature) clipped at "
-                                            "100; uniform, 1 on every kept row (the filter alone decides what is "
-                                            "imitated, as behaviour cloning of the kept episodes would)",
-                               "algorithm", choices=("advantage", "uniform"))
     kept_batch_frac: float = setting(1.0, "with the episode filter, the share of each batch drawn from the "
                                           "episodes it keeps (the rest uniform over the training rows; 0: "
                                           "uniform batches)", "algorithm", unit_interval="[]")
@@ -234,8 +223,7 @@ SEED_FIELDS = ("seed",)   # the split of episodes depends on it: fixed on resume
 # of the "run" group (bookkeeping, free to change on resume) that a stored run lacks take this
 # version's defaults.
 SETTINGS_ADDED_SINCE_FORMAT = {"feature_dropout": 0.0, "filter_band": 0.0, "episode_judge": "critic",
-                               "judge_expectile": 0.9, "value_fit": "target_q", "judge_discount": None,
-                               "kept_weight": "advantage"}
+                               "judge_expectile": 0.9, "value_fit": "target_q"}
 # Settings taken out since then because their measurements lost, with their "off" value: a
 # run made with one off is a run of this version; one made with it on cannot be rebuilt.
 SETTINGS_REMOVED_SINCE_FORMAT = {"filter_margin": 0.0, "kept_share": "positive", "joint_noise": 0.0,

@@ -237,8 +237,7 @@ class Batch:
 
 
 # The settings the buffer is built from: an agent trained on the buffer records these.
-BUFFER_SETTINGS = ("train_test_split", "seed", "discount", "judge_discount", "n_step", "relative_actions",
-                   "original_lapo")
+BUFFER_SETTINGS = ("train_test_split", "seed", "discount", "n_step", "relative_actions", "original_lapo")
 
 
 class MultimodalReplayBuffer:
@@ -246,8 +245,7 @@ class MultimodalReplayBuffer:
 
     Built from a ``TrainConfig`` (default: the defaults) with ``settings`` applied by name:
     ``train_test_split`` and ``seed`` choose the held-out episodes, ``discount`` and ``n_step``
-    (one step with ``original_lapo``) the returns (``judge_discount`` the return the episode
-    filter's bar compares), ``relative_actions`` the action units. ``normalization`` given (a checkpoint's,
+    (one step with ``original_lapo``) the returns, ``relative_actions`` the action units. ``normalization`` given (a checkpoint's,
     when training goes on from one) replaces the statistics of this file, so that the
     networks keep the units they were trained in. Storage stays uint8; ``storage_device`` is
     where the images live (the training device when they fit there, else the CPU) and
@@ -306,11 +304,10 @@ class MultimodalReplayBuffer:
         self.discounts = torch.from_numpy(discounts).to(dev)
         self.observed_return = torch.from_numpy(
             observed_returns(rewards, dataset.terminals, dataset.timeouts, discount)).to(dev)
-        # per row: the return to its episode's last row, cut off or not, discounted at the judge's
-        # discount (the default episode filter's judgement at a first row)
-        judge_discount = discount if config.judge_discount is None else config.judge_discount
-        self.return_to_end = torch.from_numpy(discounted_suffix_sums(
-            rewards, dataset.terminals, dataset.timeouts, judge_discount).astype(np.float32)).to(dev)
+        # per row: the discounted return to its episode's last row, cut off or not (the default
+        # episode filter's judgement at a first row)
+        self.return_to_end = torch.from_numpy(
+            discounted_suffix_sums(rewards, dataset.terminals, dataset.timeouts, discount).astype(np.float32)).to(dev)
         self.next_index = torch.from_numpy(next_index).to(dev)
         self.episode_index = torch.from_numpy(episode_of_row).to(dev)
         # each episode's first usable row, where the episode's own advantage is judged

@@ -5,6 +5,7 @@ import math
 import os
 import sys
 
+import h5py
 import numpy as np
 import pytest
 
@@ -13,6 +14,7 @@ from conftest import ENV, ROOT, run_cli
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import suite  # noqa: E402
 from algos import simulator  # noqa: E402
+from algos import utils_multimodal as utils  # noqa: E402
 
 
 def test_spearman_matches_a_hand_computed_example_with_ties():
@@ -180,3 +182,21 @@ def test_batch_composition_counts_the_kept_operators_rows(sim_dataset, capsys):
     assert sum(share for _, share in shares.values()) == pytest.approx(1.0, abs=0.02)
     assert all(share == 0 for kept, share in shares.values() if kept == 0)
     assert any(kept == 0 for kept, _ in shares.values())
+
+
+def test_return_expectiles_counts_each_operators_episodes_above_the_bar(sim_dataset, capsys):
+    """return_expectiles.py: per operator, the episodes' discounted returns and how many clear
+    the --judge_expectile bar over all episodes; a higher bar keeps no more of any operator."""
+    import return_expectiles
+    kept = {}
+    for tau in ("0.5", "0.9"):
+        return_expectiles.main(["--data", str(sim_dataset), "--judge_expectile", tau])
+        rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+                if line.startswith("| ") and not line.startswith("| operator")]
+        kept[tau] = {cells[0].strip(): (int(cells[1]), int(cells[-1])) for cells in rows}
+    with h5py.File(sim_dataset) as f:
+        returns = return_expectiles.discounted_returns(f, 0.99)
+    assert sum(n for n, _ in kept["0.9"].values()) == len(returns)
+    assert sum(k for _, k in kept["0.9"].values()) == int((returns >= utils.expectile(returns, 0.9)).sum())
+    assert all(kept["0.9"][op][1] <= kept["0.5"][op][1] <= kept["0.5"][op][0] for op in kept["0.9"])
+    assert kept["0.9"]["expert"][1] > 0 and kept["0.9"]["noisy"][1] < kept["0.9"]["noisy"][0]

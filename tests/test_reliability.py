@@ -468,29 +468,6 @@ def test_judge_return_keeps_the_episodes_whose_return_clears_the_expectile_of_th
     assert flat.episode_kept[episodes].all()
 
 
-def test_judge_discount_sets_the_discount_of_the_returns_the_bar_compares(tiny_dataset):
-    """--judge_discount: the return judge compares each episode's return discounted at it (the
-    critic's targets keep --discount), so a lower one ranks episodes by how soon their rewards
-    come; unset, it is --discount."""
-    dataset = hdf5_format.load_dataset(tiny_dataset, progress=False)
-    default = utils.MultimodalReplayBuffer(dataset, seed=0)
-    low = utils.MultimodalReplayBuffer(dataset, seed=0, judge_discount=0.5)
-    rewards = dataset.rewards / default.normalization.reward_scale
-    for buffer, gamma in ((default, 0.99), (low, 0.5)):
-        for first in buffer.train_episode_first_rows.tolist()[:5]:
-            stop = first
-            while not (dataset.terminals[stop] or dataset.timeouts[stop]):
-                stop += 1
-            expected = sum(rewards[t] * gamma ** (t - first) for t in range(first, stop + 1))
-            assert buffer.return_to_end[first].item() == pytest.approx(expected, rel=1e-4, abs=1e-5)
-    torch.testing.assert_close(low.rewards, default.rewards)      # the critic's n-step targets do not change
-    torch.testing.assert_close(low.discounts, default.discounts)
-    agent = algos.MultimodalLatent(replay_buffer=low, obs_feature_dim=32, image_feature_dim=16, device="cpu",
-                                   judge_discount=0.5)
-    returns = low.return_to_end[low.train_episode_first_rows].numpy().astype(np.float64)
-    assert agent._return_bar() == pytest.approx(utils.expectile(returns, 0.9) - algos.RETURN_BAR_TOLERANCE)
-
-
 def test_filter_band_holds_each_episode_kept_or_dropped_until_judged_beyond_it(tiny_dataset):
     """With --filter_band b an episode is dropped when judged below -b, taken back only
     when judged above +b, and left as it was in between (a first judgement: its sign); the
@@ -553,14 +530,6 @@ def test_advantage_weights_exponential_or_two_valued(tiny_dataset):
                                          device="cpu", weight_temperature=0.1)
     expected = [float(np.exp(-10)), 1.0, float(np.exp(0.5)), algos.MAX_ADVANTAGE_WEIGHT]
     assert exponential._advantage_weight(advantage).squeeze(1).tolist() == pytest.approx(expected)
-    # --kept_weight uniform: 1 on every row of a kept episode, 0 on a dropped one, whatever A says
-    uniform = algos.MultimodalLatent(replay_buffer=buffer, obs_feature_dim=32, image_feature_dim=16,
-                                     device="cpu", kept_weight="uniform")
-    episode_advantage = torch.tensor([[0.3], [-0.2], [0.01], [float("nan")]])
-    kept = torch.tensor([[True], [False], [True], [True]])
-    assert uniform._advantage_weight(advantage, episode_advantage, kept).squeeze(1).tolist() == [1.0, 0.0, 1.0, 1.0]
-    assert exponential._advantage_weight(advantage, episode_advantage, kept).squeeze(1).tolist() == pytest.approx(
-        [float(np.exp(3)), 0.0, float(np.exp(0.5)), algos.MAX_ADVANTAGE_WEIGHT])
 
 
 # --------------------------------------------------------------------------- run bookkeeping
