@@ -40,9 +40,14 @@ def main(argv=None):
     p.add_argument("--judge_expectile", type=float, default=0.9,
                    help="the bar whose kept episodes the last column counts (training's default 0.9)")
     args = p.parse_args(argv)
-    with h5py.File(args.data, "r") as f:
-        returns = discounted_returns(f, args.discount)
-        labels = read_episode_labels(f).get(args.label)
+    try:
+        with h5py.File(args.data, "r") as f:
+            if "rewards" not in f:
+                sys.exit(f"{args.data}: no 'rewards' dataset, so no returns to compare")
+            returns = discounted_returns(f, args.discount)
+            labels = read_episode_labels(f).get(args.label)
+    except OSError as exc:
+        sys.exit(f"{args.data}: cannot read it as HDF5 ({exc})")
     print(f"{args.data}: {len(returns)} episodes, discounted returns (discount {args.discount})")
     bar = expectile(returns, args.judge_expectile)
     print(f"| operator | episodes | mean | 10th percentile | 90th percentile | max | kept at the {args.judge_expectile} bar |")

@@ -200,3 +200,7 @@ def test_return_expectiles_counts_each_operators_episodes_above_the_bar(sim_data
     assert sum(k for _, k in kept["0.9"].values()) == int((returns >= utils.expectile(returns, 0.9)).sum())
     assert all(kept["0.9"][op][1] <= kept["0.5"][op][1] <= kept["0.5"][op][0] for op in kept["0.9"])
     assert kept["0.9"]["expert"][1] > 0 and kept["0.9"]["noisy"][1] < kept["0.9"]["noisy"][0]
+    not_hdf5 = sim_dataset.parent / "notes.txt"
+    not_hdf5.write_text("not a recording")
+    with pytest.raises(SystemExit, match="notes.txt: cannot read it as HDF5"):
+        return_expectiles.main(["--data", str(not_hdf5)])
