@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from algos import algos_vae_multimodal as algos  # noqa: E402
-from algos import hdf5_format, utils_multimodal as utils  # noqa: E402
+from algos import config as config_lib, hdf5_format, utils_multimodal as utils  # noqa: E402
 
 
 def setting(text):
@@ -52,11 +52,13 @@ def main(argv=None):
         sys.exit(f"{args.data}: no episodes/operator labels to group the rows by")
     operators = np.asarray(operators)
     settings = dict(args.set)
-    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(args.data, progress=False),
-                                          train_test_split=settings.get("train_test_split", 0.8), seed=args.seed,
-                                          n_step=settings.get("n_step", 100))
+    try:   # one config for the buffer and the agent, as training builds them
+        config = config_lib.replace(config_lib.TrainConfig(), **settings, seed=args.seed, device="cpu")
+    except (TypeError, ValueError) as exc:
+        sys.exit(f"--set: {exc}")
+    buffer = utils.MultimodalReplayBuffer(hdf5_format.load_dataset(args.data, progress=False), config=config)
     torch.manual_seed(args.seed)
-    agent = algos.MultimodalLatent(replay_buffer=buffer, device="cpu", seed=args.seed, **settings)
+    agent = algos.MultimodalLatent(config=config, replay_buffer=buffer, device="cpu")
     drawn = np.concatenate([agent._sample_batch(args.batch_size).episode.numpy() for _ in range(args.batches)])
     train = np.asarray(buffer.train_episode_ids)
     kept = agent.episode_kept.numpy()[train]

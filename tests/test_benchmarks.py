@@ -182,6 +182,12 @@ def test_batch_composition_counts_the_kept_operators_rows(sim_dataset, capsys):
     assert sum(share for _, share in shares.values()) == pytest.approx(1.0, abs=0.02)
     assert all(share == 0 for kept, share in shares.values() if kept == 0)
     assert any(kept == 0 for kept, _ in shares.values())
+    # a setting the replay buffer is built from reaches it too; a misspelt one is named, no traceback
+    batch_composition.main(["--data", str(sim_dataset), "--batches", "1", "--batch_size", "16", "--set", "discount=0.95",
+                            "--set", "obs_feature_dim=32", "--set", "image_feature_dim=16"])
+    assert "'discount': 0.95" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown setting.*kept_frac"):
+        batch_composition.main(["--data", str(sim_dataset), "--set", "kept_frac=0.5"])
 
 
 def test_return_expectiles_counts_each_operators_episodes_above_the_bar(sim_dataset, capsys):
