@@ -112,11 +112,6 @@ def use_bf16(amp, device):
     return amp == "bf16" and device.type == "cpu" and native
 
 
-# --episode_contrast: rows drawn a step (each with a partner row of its episode), the
-# projection's width and the softmax temperature (SimCLR's range)
-CONTRAST_ROWS = 16
-CONTRAST_DIM = 64
-CONTRAST_TEMPERATURE = 0.1
 RETURN_BAR_TOLERANCE = 1e-5   # returns (in units of the largest one-step reward) this close below the bar clear it
 
 
@@ -246,18 +241,15 @@ class ObservationEncoder(nn.Module):
         self.register_buffer("pixel_mean", mean, persistent=False)
         self.register_buffer("pixel_scale", 1.0 / std, persistent=False)
 
-    def image_features(self, images):
-        """The trunks' features of each view, concatenated: [B, 3 x image_feature_dim]."""
+    def forward(self, images, joint):
+        """images: uint8 [B, 3 views, H, W, 3]; joint: normalised float [B, J]."""
         feats = []
         for v, trunk in enumerate(self.trunks):
             # [B, H, W, 3] -> [B, 3, H, W] as a view: the memory stays channels_last
             x = images[:, v].permute(0, 3, 1, 2).float()
             feats.append(trunk((x - self.pixel_mean) * self.pixel_scale))
-        return torch.cat(feats, 1)
-
-    def forward(self, images, joint):
-        """images: uint8 [B, 3 views, H, W, 3]; joint: normalised float [B, J]."""
-        return self.fusion(torch.cat([self.image_features(images), self.joint_net(joint)], 1))
+        feats.append(self.joint_net(joint))
+        return self.fusion(torch.cat(feats, 1))
 
 
 class ActorVAE(nn.Module):
@@ -481,14 +473,7 @@ class MultimodalAgent:
                                           pretrained_weights=config.pretrained_weights).to(self.device)
         if config.channels_last:
             self.encoder.trunks.to(memory_format=torch.channels_last)
-        # with --episode_contrast: the projection its loss compares rows in, trained with the encoder
-        self.contrast_head = None
-        encoder_parameters = list(self.encoder.parameters())
-        if config.episode_contrast > 0:
-            self.contrast_head = mlp(len(IMAGE_KEYS) * image_feature_dim, CONTRAST_DIM, hidden=(256,)).to(self.device)
-            encoder_parameters += list(self.contrast_head.parameters())
-            self.loss_names = self.loss_names + ("contrast_loss",)
-        self.encoder_optimizer = adam(encoder_parameters, config.encoder_lr, self.device)
+        self.encoder_optimizer = adam(self.encoder.parameters(), config.encoder_lr, self.device)
         self._encode = torch.compile(self.encoder) if config.compile else self.encoder
 
     @property
@@ -538,32 +523,6 @@ class MultimodalAgent:
             obs_feature = self._encode(self._augment(batch.images), batch.joint).float()
         p = self.config.feature_dropout
         return F.dropout(obs_feature, p) if p > 0 else obs_feature
-
-    def _contrast_modules(self):
-        return {} if self.contrast_head is None else {"contrast_head": self.contrast_head}
-
-    def _episode_contrast_loss(self):
-        """Supervised contrastive loss (Khosla et al., 2020) with the episode as the label, on
-        ``CONTRAST_ROWS`` training rows and a partner row of each one's episode, drawn over
-        every training episode: each row's projected image features must be nearer those of
-        its episode's other rows than those of other episodes'. What stays fixed within an
-        episode and varies between episodes is the scene, so the trunks learn where things
-        are from every recorded layout, not only from the episodes the policy imitates."""
-        images, episode = self.replay_buffer.sample_episode_pairs(CONTRAST_ROWS)
-        with self._autocast():
-            projected = self.contrast_head(self.encoder.image_features(self._augment(images))).float()
-        z = F.normalize(projected, dim=1)
-        itself = torch.eye(len(z), dtype=torch.bool, device=z.device)
-        log_prob = (z @ z.t() / CONTRAST_TEMPERATURE).masked_fill(itself, float("-inf")).log_softmax(1)
-        positive = (episode.unsqueeze(0) == episode.unsqueeze(1)) & ~itself
-        return -(log_prob.masked_fill(~positive, 0).sum(1) / positive.sum(1)).mean()
-
-    def _encoder_backward(self, losses, encoder_loss):
-        """Backward of the encoder's loss, with --episode_contrast's loss added (recorded in ``losses``)."""
-        if self.contrast_head is not None:
-            losses["contrast_loss"] = self._episode_contrast_loss()
-            encoder_loss = encoder_loss + self.config.episode_contrast * losses["contrast_loss"]
-        encoder_loss.backward()
 
     def _autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp)
@@ -846,7 +805,7 @@ class MultimodalLatent(MultimodalAgent):
                    "critic": self.critic, "critic_target": self.critic_target}
         if self.config.polyak_acting:
             modules["encoder_target"] = self.encoder_target
-        return {**modules, **self._contrast_modules()}
+        return modules
 
     def _acting_modules(self):
         acting = ({"encoder_target": self.encoder_target, "actor_target": self.actor_target}
@@ -1063,7 +1022,7 @@ class MultimodalLatent(MultimodalAgent):
         feature = obs_feature.detach().requires_grad_()
         losses = self._update_heads(feature, next_obs_feature.float(), batch)
         self.encoder_optimizer.zero_grad(set_to_none=True)
-        self._encoder_backward(losses, (obs_feature * feature.grad).sum())
+        obs_feature.backward(feature.grad)
         self.encoder_optimizer.step()
         if self.config.polyak_acting:
             soft_update(self.encoder, self.encoder_target, self.config.tau)
@@ -1198,10 +1157,10 @@ class MultimodalBC(MultimodalAgent):
         self.policy_optimizer = adam(self.policy.parameters(), self.config.vae_lr, self.device)
 
     def _modules(self):
-        return {"encoder": self.encoder, "policy": self.policy, **self._contrast_modules()}
+        return {"encoder": self.encoder, "policy": self.policy}
 
     def _acting_modules(self):
-        return {"encoder": self.encoder, "policy": self.policy}
+        return self._modules()
 
     def _optimizers(self):
         return {"encoder": self.encoder_optimizer, "policy": self.policy_optimizer}
@@ -1214,11 +1173,10 @@ class MultimodalBC(MultimodalAgent):
         bc_loss = F.mse_loss(self._policy_action(obs_feature), batch.action)
         self.policy_optimizer.zero_grad(set_to_none=True)
         self.encoder_optimizer.zero_grad(set_to_none=True)
-        losses = {"bc_loss": bc_loss}
-        self._encoder_backward(losses, bc_loss)
+        bc_loss.backward()
         self.policy_optimizer.step()
         self.encoder_optimizer.step()
-        return losses
+        return {"bc_loss": bc_loss}
 
     def _offline_metrics(self, batch, feature):
         return {"test_action_mse": (self._policy_action(feature) - batch.action).pow(2).mean()}

@@ -59,13 +59,6 @@ class TrainConfig:
                                           "heads cannot rest on a few feature units; never when acting; 0: off; "
                                           "0.2 did not stop late declines on dev screens)", "model",
                                      unit_interval="[)")
-    episode_contrast: float = setting(0.0, "weight of an auxiliary loss on the image trunks: rows of the same "
-                                           "training episode, drawn over every episode the filter keeps or "
-                                           "drops, must be told apart from other episodes' rows (a supervised "
-                                           "contrastive loss). Why: what stays fixed within an episode and "
-                                           "varies between them is the scene (where the objects are), so the "
-                                           "trunks learn it from every recorded layout, not only the few the "
-                                           "policy imitates; 0: off", "model")
     encoder_lr: float = setting(3e-4, "image/joint encoder learning rate", "model", positive=True)
     encoder_lr_decay: float = setting(0.5, "share of the run, at its end, over which the encoder's learning rate "
                                            "falls to 0 along a half cosine, so the heads end the run fitted to "
@@ -230,8 +223,7 @@ SEED_FIELDS = ("seed",)   # the split of episodes depends on it: fixed on resume
 # of the "run" group (bookkeeping, free to change on resume) that a stored run lacks take this
 # version's defaults.
 SETTINGS_ADDED_SINCE_FORMAT = {"feature_dropout": 0.0, "filter_band": 0.0, "episode_judge": "critic",
-                               "judge_expectile": 0.9, "value_fit": "target_q",
-                               "episode_contrast": 0.0}
+                               "judge_expectile": 0.9, "value_fit": "target_q"}
 # Settings taken out since then because their measurements lost, with their "off" value: a
 # run made with one off is a run of this version; one made with it on cannot be rebuilt.
 SETTINGS_REMOVED_SINCE_FORMAT = {"filter_margin": 0.0, "kept_share": "positive", "joint_noise": 0.0,
@@ -319,7 +311,7 @@ def problems(config):
                 out.append(f"--{f.name} must be in {interval[0]}0, 1{interval[1]}, got {value}")
         if meta["choices"] and value not in meta["choices"]:
             out.append(f"--{f.name} must be one of {', '.join(meta['choices'])}, got {value!r}")
-    for name in ("weight_temperature", "kl_beta", "filter_band", "episode_contrast", "eval_episodes", "image_shift", "keep_last"):
+    for name in ("weight_temperature", "kl_beta", "filter_band", "eval_episodes", "image_shift", "keep_last"):
         if getattr(config, name) < 0:
             out.append(f"--{name} must be >= 0, got {getattr(config, name)}")
     if config.resume and config.load_model:

@@ -386,19 +386,6 @@ class MultimodalReplayBuffer:
             pick = torch.cat([pick, torch.multinomial(in_mask, n_masked, replacement=True, generator=self.generator)])
         return self.gather(rows.index_select(0, pick), with_next)
 
-    def sample_episode_pairs(self, n_rows):
-        """uint8 images of ``n_rows`` training rows drawn uniformly, each followed by another row
-        of its episode (drawn uniformly from that episode's rows), and the episode of each of
-        the 2 x ``n_rows`` rows: the auxiliary loss's draw (``episode_contrast``)."""
-        dev = self.storage_device
-        rows, row_episode = self._sampleable_rows(n_rows)
-        anchor = torch.randint(len(rows), (n_rows,), generator=self.generator, device=dev)
-        same_episode = (row_episode.unsqueeze(0) == row_episode.index_select(0, anchor).unsqueeze(1)).float()
-        partner = torch.multinomial(same_episode, 1, generator=self.generator).squeeze(1)
-        picked = rows.index_select(0, torch.cat([anchor, partner]))
-        return (self.gather_images(picked).to(self.device),
-                self.episode_index.index_select(0, picked).to(self.device))
-
     def _sampleable_rows(self, batch_size):
         """The training rows a batch of ``batch_size`` is drawn from, and their episodes: all of them."""
         return self.train_rows, self.train_row_episode

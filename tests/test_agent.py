@@ -430,34 +430,3 @@ def test_with_value_folds_each_episode_is_judged_by_a_head_that_never_fitted_it(
     original = algos.MultimodalLatent(replay_buffer=make_buffer(tiny_dataset, n_step=1, original_lapo=True),
                                       original_lapo=True, **SMALL)
     assert original.critic.v_net[-1].out_features == 1 and original._fold(fold0.episode) is None
-
-
-@pytest.mark.parametrize("algo", ["lapo", "bc"])
-def test_episode_contrast_teaches_the_trunks_each_episodes_scene(tmp_path, algo):
-    """With --episode_contrast the image trunks learn what stays fixed within an episode (here
-    a scene drawn per episode under per-row noise): rows of one episode come to lie nearer
-    each other than other episodes' rows, and the head trains and resumes with the encoder."""
-    rng = np.random.default_rng(0)
-    n_rows, episode_len = 160, 8
-    scene = rng.integers(0, 200, (n_rows // episode_len, 1, 8, 8, 3))
-    views = {f"observations/{k}": np.repeat(scene, episode_len, 0)[:, 0] + rng.integers(0, 56, (n_rows, 8, 8, 3))
-             for k in ("left_image", "right_image", "global_image")}
-    path = write_dataset(tmp_path / "d.hdf5", n_rows=n_rows, episode_len=episode_len, image_shape=(8, 8),
-                         override={k: v.astype(np.uint8) for k, v in views.items()})
-    torch.manual_seed(0)
-    agent = algos.make_agent(algo=algo, replay_buffer=make_buffer(path), episode_contrast=1.0, image_shift=0,
-                             encoder_lr=1e-3, **SMALL)
-    assert "contrast_loss" in agent.loss_names
-    first = agent.train(20, 16)["contrast_loss"]
-    agent.train(100, 16)
-    last = agent.train(20, 16)["contrast_loss"]
-    assert last < 0.75 * first, (first, last)   # 3.4 is chance (log 31)
-
-    agent.save("model_final", str(tmp_path))
-    resumed = algos.MultimodalAgent.from_checkpoint(str(tmp_path / "model_final.pth"), device="cpu",
-                                                    replay_buffer=make_buffer(path))
-    for a, b in zip(agent.contrast_head.parameters(), resumed.contrast_head.parameters()):
-        torch.testing.assert_close(a, b)
-    agent.save("policy_final", str(tmp_path), policy_only=True)
-    policy = torch.load(tmp_path / "policy_final.pth", map_location="cpu", weights_only=False)
-    assert "contrast_head" not in policy["networks"]   # acting never uses it
