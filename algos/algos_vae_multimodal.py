@@ -1122,11 +1122,15 @@ class MultimodalLatent(MultimodalAgent):
         advantage = self._advantage(feature, batch.next_feature.float(), batch.reward, batch.discount).squeeze(1)
         positive = (advantage > 0).float()
         kept = self.held_out_kept[batch.episode].float()
+        # the CVAE's own weights on the held-out rows: its training objective, held out
+        weight = self._advantage_weight(advantage.unsqueeze(1), self.episode_advantage[batch.episode].unsqueeze(1),
+                                        kept.unsqueeze(1)).squeeze(1)
         q1, q2 = self.critic(feature, action)
         return {"test_action_mse": action_err.mean(),
                 "test_good_action_mse": ((action_err * positive).sum(), positive.sum()),
                 "test_kept_action_mse": ((action_err * kept).sum(), kept.sum()),
                 "test_kept_row_frac": kept.mean(),
+                "test_weighted_action_mse": ((action_err * weight).sum(), weight.sum()),
                 "test_vae_recon_mse": recon_err.mean(), "test_q_mean": q1.mean(),
                 "test_v_mean": self.critic.v(feature).mean(), "test_advantage_mean": advantage.mean(),
                 "test_positive_advantage_frac": positive.mean(),

@@ -5,7 +5,8 @@
 
 For every step checkpoint of each run (model_<step>.pth), recomputes the held-out metrics
 with this code (``offline_metrics`` on the run's own held-out split) and pairs them with the
-rollout score progress.csv recorded at that step. Prints, per run and metric, Spearman's rank
+rollout score progress.csv recorded at that step (or, for a run scored by
+benchmarks/suite.py, its rollout return in suite_scores.json). Prints, per run and metric, Spearman's rank
 correlation between the metric and the score (sign turned so that +1 is a perfect ranking)
 and the score of the checkpoint the metric would pick against the best checkpoint's. A
 metric worth choosing model_best by ranks well on every run, not on one. With
@@ -13,6 +14,7 @@ metric worth choosing model_best by ranks well on every run, not on one. With
 checkpoints needed: runs that kept only their last one can still be ranked).
 """
 import argparse
+import json
 import os
 import sys
 
@@ -24,10 +26,10 @@ sys.path.insert(0, ROOT)
 from algos import algos_vae_multimodal as algos  # noqa: E402
 from algos import experiment, hdf5_format  # noqa: E402
 from algos import utils_multimodal as utils  # noqa: E402
-from benchmarks.suite import spearman  # noqa: E402
+from benchmarks.suite import SCORES_FILE, spearman  # noqa: E402
 
-METRICS = {"test_good_action_mse": "min", "test_kept_action_mse": "min", "test_action_mse": "min",
-           "test_policy_q_mean": "max"}
+METRICS = {"test_good_action_mse": "min", "test_kept_action_mse": "min", "test_weighted_action_mse": "min",
+           "test_action_mse": "min", "test_policy_q_mean": "max"}
 
 
 def main(argv=None):
@@ -43,12 +45,12 @@ def main(argv=None):
     print("| run | metric | Spearman with score | picked step: score | best step: score |")
     print("|---|---|---|---|---|")
     for folder in args.runs:
-        rows = [r for r in experiment.ProgressLog(os.path.join(folder, "progress.csv")).rows()
-                if r.get("NormalizedScore")]
-        score = {int(r["steps"]): float(r["NormalizedScore"]) for r in rows}
+        rows = list(experiment.ProgressLog(os.path.join(folder, "progress.csv")).rows())
+        score = ({int(r["steps"]): float(r["NormalizedScore"]) for r in rows if r.get("NormalizedScore")}
+                 or suite_scores(folder))
         if args.from_progress:
-            steps = sorted(score)
             metrics = {int(r["steps"]): {k: float(v) for k, v in r.items() if k in METRICS and v} for r in rows}
+            steps = sorted(s for s in score if s in metrics)
         else:
             steps = sorted(s for s in experiment.step_checkpoints(folder) if s in score)
             metrics = recompute(folder, steps, dataset)
@@ -66,6 +68,19 @@ def main(argv=None):
             picked = steps[int(np.nanargmax([sign * v for v in values]))]
             print(f"| {os.path.basename(os.path.dirname(folder.rstrip('/')))} | {name} | {rho:+.2f} | "
                   f"{picked}: {score[picked]:.2f} | {best}: {score[best]:.2f} |", flush=True)
+
+
+def suite_scores(folder):
+    """{step: rollout return} of a run scored by benchmarks/suite.py (its suite_scores.json),
+    for runs that did no rollouts in training: the return ranks the checkpoints as the
+    normalised score does (same seeds, one affine map)."""
+    try:
+        with open(os.path.join(folder, SCORES_FILE)) as f:
+            cached = json.load(f)["scores"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    scores = next(iter(cached.values()), {})
+    return {s["step"]: s["return"] for name, s in scores.items() if experiment.checkpoint_step(name + ".pth") is not None}
 
 
 @torch.no_grad()

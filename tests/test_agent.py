@@ -377,6 +377,9 @@ def test_model_selection_metric_measures_the_held_out_episodes_the_filter_keeps(
     with torch.no_grad():
         expected = (lapo._act(batch.images, batch.joint) - batch.action).pow(2).mean()
     assert one["test_kept_action_mse"] == pytest.approx(float(expected), rel=1e-4)
+    # weighted as the CVAE weighs training rows: only kept episodes count (here one, whose
+    # judgement puts every row at the weight's clip)
+    assert one["test_weighted_action_mse"] == pytest.approx(one["test_kept_action_mse"], rel=1e-4)
     monkeypatch.setattr(lapo, "_judge", judged(lambda i: -1.0))
     still = lapo.offline_metrics()   # all judged poor now: the set stays the one episode
     assert still["test_kept_row_frac"] == one["test_kept_row_frac"]

@@ -147,6 +147,15 @@ def test_offline_criteria_ranks_the_recorded_metrics_of_a_run(tmp_path, capsys):
     assert "+1.00" in rows["test_kept_action_mse"] and "1000: 0.90 | 1000: 0.90" in rows["test_kept_action_mse"]
     assert "-1.00" in rows["test_action_mse"] and "500: 0.20 | 1000: 0.90" in rows["test_action_mse"]
 
+    # a run scored by benchmarks/suite.py: no rollouts in training, its returns in suite_scores.json
+    lines = ["steps,NormalizedScore,test_kept_action_mse", "500,,0.30", "1000,,0.10", "1500,,0.20"]
+    (run / "progress.csv").write_text("\n".join(lines) + "\n")
+    scores = {f"model_{step}": {"step": step, "return": ret} for step, ret in ((500, 2.0), (1000, 9.0), (1500, 5.0))}
+    (run / "suite_scores.json").write_text(json.dumps({"scores": {"100 episodes from seed 2000000": scores}}))
+    offline_criteria.main(["--from_progress", str(run)])
+    rows = {line.split(" | ")[1]: line for line in capsys.readouterr().out.splitlines() if "Exp1" in line}
+    assert "+1.00" in rows["test_kept_action_mse"] and "1000: 9.00 | 1000: 9.00" in rows["test_kept_action_mse"]
+
 
 def test_suite_presets_fill_only_what_the_command_line_leaves_out():
     """The screen is LAPO alone, two seeds at 32x32 (at 16x16 the policy cannot imitate the
