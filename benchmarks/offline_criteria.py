@@ -6,9 +6,10 @@
 For every step checkpoint of each run (model_<step>.pth), recomputes the held-out metrics
 with this code (``offline_metrics`` on the run's own held-out split) and pairs them with the
 rollout score progress.csv recorded at that step (or, for a run scored by
-benchmarks/suite.py, its rollout return in suite_scores.json). Prints, per run and metric, Spearman's rank
-correlation between the metric and the score (sign turned so that +1 is a perfect ranking)
-and the score of the checkpoint the metric would pick against the best checkpoint's. A
+benchmarks/suite.py, its rollout return in suite_scores.json). Prints, per run and metric,
+Spearman's rank correlation between the metric and the score (sign turned so that +1 is a
+perfect ranking) and the score of the checkpoint the metric would pick against the best
+checkpoint's. A
 metric worth choosing model_best by ranks well on every run, not on one. With
 ``--from_progress`` the metrics are the ones progress.csv recorded at each evaluation (no
 checkpoints needed: runs that kept only their last one can still be ranked).
@@ -80,7 +81,8 @@ def suite_scores(folder):
     except (OSError, ValueError, KeyError):
         return {}
     scores = next(iter(cached.values()), {})
-    return {s["step"]: s["return"] for name, s in scores.items() if experiment.checkpoint_step(name + ".pth") is not None}
+    return {s["step"]: s["return"] for name, s in scores.items()
+            if experiment.checkpoint_step(name + ".pth") is not None}
 
 
 @torch.no_grad()
