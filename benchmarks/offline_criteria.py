@@ -9,10 +9,9 @@ rollout score progress.csv recorded at that step (or, for a run scored by
 benchmarks/suite.py, its rollout return in suite_scores.json). Prints, per run and metric,
 Spearman's rank correlation between the metric and the score (sign turned so that +1 is a
 perfect ranking) and the score of the checkpoint the metric would pick against the best
-checkpoint's. A
-metric worth choosing model_best by ranks well on every run, not on one. With
-``--from_progress`` the metrics are the ones progress.csv recorded at each evaluation (no
-checkpoints needed: runs that kept only their last one can still be ranked).
+checkpoint's. A metric worth choosing model_best by ranks well on every run, not on one.
+With ``--from_progress`` the metrics are the ones progress.csv recorded at each evaluation
+(no checkpoints needed: runs that kept only their last one can still be ranked).
 """
 import argparse
 import json
