@@ -17,7 +17,8 @@ from algos.experiment import UserError, atomic_write
 PROGRESS_PANELS = (
     ("Rollouts: score and success", ("NormalizedScore", "SuccessRate"), "linear"),
     ("Rollouts: return (mean ± std)", ("AverageReturn",), "linear"),
-    ("Held-out test episodes", ("test_kept_action_mse", "test_good_action_mse", "test_action_mse", "test_vae_recon_mse"), "log"),
+    ("Held-out test episodes", ("test_weighted_action_mse", "test_kept_action_mse", "test_action_mse",
+                                 "test_vae_recon_mse"), "log"),
     ("Training losses (mean since the previous row)", ("critic_loss", "vae_loss", "bc_loss"), "log"),
 )
 # TensorBoard tags: progress.csv's column names, grouped by what they measure.

@@ -44,6 +44,7 @@ def main(argv=None):
     dataset = None if args.from_progress else hdf5_format.load_dataset(args.data, progress=False)
     print("| run | metric | Spearman with score | picked step: score | best step: score |")
     print("|---|---|---|---|---|")
+    labels = run_labels(args.runs)
     for folder in args.runs:
         rows = list(experiment.ProgressLog(os.path.join(folder, "progress.csv")).rows())
         score = ({int(r["steps"]): float(r["NormalizedScore"]) for r in rows if r.get("NormalizedScore")}
@@ -66,8 +67,20 @@ def main(argv=None):
             sign = -1 if direction == "min" else 1
             rho = spearman([sign * v for v in values], scores)
             picked = steps[int(np.nanargmax([sign * v for v in values]))]
-            print(f"| {os.path.basename(os.path.dirname(folder.rstrip('/')))} | {name} | {rho:+.2f} | "
+            print(f"| {labels[folder]} | {name} | {rho:+.2f} | "
                   f"{picked}: {score[picked]:.2f} | {best}: {score[best]:.2f} |", flush=True)
+
+
+def run_labels(folders):
+    """{folder: what tells it apart from the others}: the path below the folders' common
+    parent (at least the last part; the results layout's trailing multimodal_robot left
+    out), so that the runs of several variants in one table are named by their variant."""
+    parts = [os.path.normpath(os.path.abspath(f)).split(os.sep) for f in folders]
+    parts = [p[:-1] if p[-1] == "multimodal_robot" else p for p in parts]
+    common = 0
+    while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+        common += 1
+    return {f: "/".join(p[common:]) for f, p in zip(folders, parts)}
 
 
 def suite_scores(folder):

@@ -15,7 +15,7 @@ main_multimodal.py with that script's DEFAULT flags (only the budget, the seed, 
 paths, the device and the evaluation settings are set, plus --extra for both algorithms
 and --lapo_extra for LAPO alone), saving a checkpoint every --score_every steps. Training
 does no rollouts by default (--train_eval_episodes 0): model_best (policy_best.pth) is then chosen by
-the algorithm's offline criterion on the held-out episodes (LAPO: test_kept_action_mse,
+the algorithm's offline criterion on the held-out episodes (LAPO: test_weighted_action_mse,
 BC: test_action_mse, lower is better), which is all a user with a real robot has.
 
 Every checkpoint (model_{step}.pth, all of them kept: --keep_last 0; model_final.pth; model_best,
@@ -685,7 +685,7 @@ def write_report(args, argv, steps, variants, per_run, references, failed, timin
     command = shlex.join(["python", "benchmarks/suite.py", *argv])
     extra_text = (f"; --extra {args.extra!r}" if args.extra else "") + (
         f"; --lapo_extra {args.lapo_extra!r}" if args.lapo_extra else "")
-    selection = ("the offline criterion (LAPO test_kept_action_mse, BC test_action_mse)"
+    selection = ("the offline criterion (LAPO test_weighted_action_mse, BC test_action_mse)"
                  if args.train_eval_episodes == 0 else f"{args.train_eval_episodes} rollouts at each evaluation")
     lines = ["# LAPO and BC on the benchmark variants", "",
              f"Command: `{command}`", "",

@@ -345,7 +345,7 @@ def test_the_policy_acts_through_the_polyak_averages_of_all_its_parts(tiny_datas
 
 
 def test_model_selection_metric_measures_the_held_out_episodes_the_filter_keeps(tmp_path, monkeypatch):
-    """test_kept_action_mse (LAPO's offline criterion for policy_best) is the policy's action
+    """test_kept_action_mse (the rows of LAPO's offline criterion for policy_best) is the policy's action
     error on the held-out episodes the filter's rule keeps, judged into the filter's state;
     a judgement that would keep none of them leaves the set as it was, so that the criterion
     never switches to other episodes mid-run (before any judgement: every held-out one)."""

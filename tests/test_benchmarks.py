@@ -91,7 +91,7 @@ def test_suite_end_to_end_on_a_tiny_setting(tmp_path):
                 "| variant | policy | 10 | 20 | 30 |"):
         assert row in table
     report = json.loads((out / "suite.json").read_text())
-    for algo, criterion in (("lapo", "test_kept_action_mse"), ("bc", "test_action_mse")):
+    for algo, criterion in (("lapo", "test_weighted_action_mse"), ("bc", "test_action_mse")):
         run = report["runs"]["reach_wrong40"][algo]["0"]
         assert run["steps"] == [10, 20, 30] and run["criterion"] == criterion
         assert len(run["criterion_at_steps"]) == 3 and None not in run["criterion_at_steps"]
@@ -155,6 +155,16 @@ def test_offline_criteria_ranks_the_recorded_metrics_of_a_run(tmp_path, capsys):
     offline_criteria.main(["--from_progress", str(run)])
     rows = {line.split(" | ")[1]: line for line in capsys.readouterr().out.splitlines() if "Exp1" in line}
     assert "+1.00" in rows["test_kept_action_mse"] and "1000: 9.00 | 1000: 9.00" in rows["test_kept_action_mse"]
+
+    # the runs of several variants in one table are named by their variant
+    for variant in ("reach_a", "reach_b"):
+        other = tmp_path / "runs" / variant / "Exp1" / "multimodal_robot"
+        other.mkdir(parents=True)
+        (other / "progress.csv").write_text((run / "progress.csv").read_text())
+        (other / "suite_scores.json").write_text((run / "suite_scores.json").read_text())
+    offline_criteria.main(["--from_progress", *(str(p) for p in sorted((tmp_path / "runs").glob("*/Exp1/multimodal_robot")))])
+    named = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines() if "test_kept_action_mse" in line]
+    assert named == ["| reach_a/Exp1", "| reach_b/Exp1"]
 
 
 def test_suite_presets_fill_only_what_the_command_line_leaves_out():

@@ -37,7 +37,7 @@ def test_short_run_writes_every_output_with_finite_losses(tmp_path, tiny_dataset
     assert all(r["AverageReturn"] == "" for r in rows)
     params = json.loads((folder / "params.json").read_text())
     assert params["config"]["batch_size"] == 4 and params["dataset"]["rows"] == 60
-    assert params["best_model_criterion"]["metric"] == "test_kept_action_mse"
+    assert params["best_model_criterion"]["metric"] == "test_weighted_action_mse"
     assert str(folder) in res.stdout
 
 
