@@ -328,7 +328,7 @@ def plot_curves(runs, variants, algos, path, title=""):
             with warnings.catch_warnings():   # a step no seed has: an empty slice
                 warnings.simplefilter("ignore", RuntimeWarning)
                 ax.plot(steps, np.nanmean(table, 0), color=color, marker="o", ms=3,
-                        label=f"{algo.upper()} ({len(per_seed)} seeds)")
+                        label=f"{algo.upper()} ({len(per_seed)} seed{'s' if len(per_seed) > 1 else ''})")
                 ax.fill_between(steps, np.nanmin(table, 0), np.nanmax(table, 0), color=color, alpha=0.2)
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.axhline(0.0, color="grey", lw=0.8, ls=":")
