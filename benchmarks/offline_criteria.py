@@ -75,12 +75,10 @@ def run_labels(folders):
     """{folder: what tells it apart from the others}: the path below the folders' common
     parent (at least the last part; the results layout's trailing multimodal_robot left
     out), so that the runs of several variants in one table are named by their variant."""
-    parts = [os.path.normpath(os.path.abspath(f)).split(os.sep) for f in folders]
-    parts = [p[:-1] if p[-1] == "multimodal_robot" else p for p in parts]
-    common = 0
-    while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
-        common += 1
-    return {f: "/".join(p[common:]) for f, p in zip(folders, parts)}
+    paths = [os.path.normpath(os.path.abspath(f)) for f in folders]
+    paths = [os.path.dirname(p) if os.path.basename(p) == "multimodal_robot" else p for p in paths]
+    parent = os.path.commonpath([os.path.dirname(p) for p in paths])
+    return {f: os.path.relpath(p, parent) for f, p in zip(folders, paths)}
 
 
 def suite_scores(folder):
