@@ -6,12 +6,18 @@
 For every step checkpoint of each run (model_<step>.pth), recomputes the held-out metrics
 with this code (``offline_metrics`` on the run's own held-out split) and pairs them with the
 rollout score progress.csv recorded at that step (or, for a run scored by
-benchmarks/suite.py, its rollout return in suite_scores.json). Prints, per run and metric,
+benchmarks/suite.py, its normalised score from the suite's suite.json above the run folder,
+else its rollout return in suite_scores.json). Prints, per run and metric,
 Spearman's rank correlation between the metric and the score (sign turned so that +1 is a
 perfect ranking) and the score of the checkpoint the metric would pick against the best
 checkpoint's. A metric worth choosing model_best by ranks well on every run, not on one.
 With ``--from_progress`` the metrics are the ones progress.csv recorded at each evaluation
 (no checkpoints needed: runs that kept only their last one can still be ranked).
+
+``--tolerances R,R,...`` adds a table of what LAPO's criterion would pick if a checkpoint
+within a relative tolerance R of the best value so far replaced the pick (``pick_within``:
+the latest of the checkpoints the criterion cannot tell apart; R = 0 is the plain minimum),
+with the picked checkpoint's score per run and the mean over runs.
 """
 import argparse
 import json
@@ -37,6 +43,9 @@ def main(argv=None):
     p.add_argument("--data", help="the dataset the runs were trained on (to recompute the metrics)")
     p.add_argument("--from_progress", action="store_true",
                    help="rank by the metrics progress.csv recorded instead of recomputing them")
+    p.add_argument("--tolerances", type=lambda text: [float(r) for r in text.split(",")], metavar="R,R,...",
+                   help="also print LAPO's criterion's pick at these relative tolerances (pick_within), "
+                        "e.g. 0,0.01,0.05")
     p.add_argument("runs", nargs="+", help="run folders holding progress.csv (and model_<step>.pth)")
     args = p.parse_args(argv)
     if not args.from_progress and not args.data:
@@ -45,10 +54,12 @@ def main(argv=None):
     print("| run | metric | Spearman with score | picked step: score | best step: score |")
     print("|---|---|---|---|---|")
     labels = run_labels(args.runs)
+    criterion, criterion_direction = algos.MultimodalLatent.offline_criterion
+    tolerance_picks = {}   # {run label: [(tolerance, step, score)]}
     for folder in args.runs:
         rows = list(experiment.ProgressLog(os.path.join(folder, "progress.csv")).rows())
         score = ({int(r["steps"]): float(r["NormalizedScore"]) for r in rows if r.get("NormalizedScore")}
-                 or suite_scores(folder))
+                 or suite_normalised(folder) or suite_scores(folder))
         if args.from_progress:
             metrics = {int(r["steps"]): {k: float(v) for k, v in r.items() if k in METRICS and v} for r in rows}
             steps = sorted(s for s in score if s in metrics)
@@ -69,6 +80,34 @@ def main(argv=None):
             picked = steps[int(np.nanargmax([sign * v for v in values]))]
             print(f"| {labels[folder]} | {name} | {rho:+.2f} | "
                   f"{picked}: {score[picked]:.2f} | {best}: {score[best]:.2f} |", flush=True)
+        values = [metrics[s].get(criterion, float("nan")) for s in steps]
+        if args.tolerances and np.isfinite(values).all():
+            tolerance_picks[labels[folder]] = [(r, step, score[step]) for r in args.tolerances
+                                               for step in [pick_within(steps, values, r, criterion_direction)]]
+    if tolerance_picks:
+        print(f"\n{criterion}: the latest checkpoint within R of the best value so far (picked step: score)\n")
+        print("| run | " + " | ".join(f"R = {r:g}" for r in args.tolerances) + " |")
+        print("|---|" + "---|" * len(args.tolerances))
+        for label, picks in tolerance_picks.items():
+            print(f"| {label} | " + " | ".join(f"{step}: {value:.2f}" for _, step, value in picks) + " |")
+        means = np.mean([[value for _, _, value in picks] for picks in tolerance_picks.values()], axis=0)
+        print("| mean | " + " | ".join(f"{m:.3f}" for m in means) + " |")
+
+
+def pick_within(steps, values, tolerance, direction="min"):
+    """The step a criterion picks when, going through the checkpoints in order, one within
+    ``tolerance`` (relative) of the best value so far replaces the pick, and a new best
+    always does: the latest of the checkpoints the criterion cannot tell apart, and the
+    plain best at tolerance 0."""
+    sign = 1 if direction == "min" else -1
+    best_value, picked = None, None
+    for step, value in zip(steps, values):
+        value = sign * value
+        if best_value is None or value < best_value:
+            best_value, picked = value, step
+        elif value <= best_value + tolerance * abs(best_value):
+            picked = step
+    return picked
 
 
 def run_labels(folders):
@@ -93,6 +132,28 @@ def suite_scores(folder):
     scores = next(iter(cached.values()), {})
     return {s["step"]: s["return"] for name, s in scores.items()
             if experiment.checkpoint_step(name + ".pth") is not None}
+
+
+def suite_normalised(folder):
+    """{step: normalised score} of a run that benchmarks/suite.py reported on: the curve its
+    suite.json (in a folder above the run) holds for this run folder; {} if there is none.
+    Normalised scores compare across variants, so the tolerance table's mean means something."""
+    here = os.path.realpath(folder)
+    parent = os.path.dirname(here)
+    while parent != os.path.dirname(parent):
+        try:
+            with open(os.path.join(parent, "suite.json")) as f:
+                runs = json.load(f)["runs"]
+        except (OSError, ValueError, KeyError):
+            parent = os.path.dirname(parent)
+            continue
+        for by_algo in runs.values():
+            for by_seed in by_algo.values():
+                for run in by_seed.values():
+                    if os.path.realpath(run.get("folder", "")) == here and None not in run["curve"]:
+                        return dict(zip(run["steps"], run["curve"]))
+        return {}
+    return {}
 
 
 @torch.no_grad()

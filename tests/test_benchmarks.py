@@ -167,6 +167,39 @@ def test_offline_criteria_ranks_the_recorded_metrics_of_a_run(tmp_path, capsys):
     assert named == ["| reach_a/Exp1", "| reach_b/Exp1"]
 
 
+def test_pick_within_takes_the_latest_checkpoint_the_criterion_cannot_tell_apart():
+    """At tolerance 0 the plain minimum; with a tolerance, a later checkpoint within it of the
+    best so far replaces the pick, and a new best always does; 'max' criteria mirror it."""
+    from offline_criteria import pick_within
+    steps, values = [250, 500, 750, 1000], [0.50, 0.30, 0.305, 0.40]
+    assert pick_within(steps, values, 0.0) == 500
+    assert pick_within(steps, values, 0.02) == 750
+    assert pick_within(steps, values, 0.5) == 1000
+    assert pick_within(steps, [0.3, 0.305, 0.2, 0.201], 0.02) == 1000   # a new best resets the bar
+    assert pick_within(steps, [1.0, 2.0, 1.99, 1.0], 0.01, "max") == 750
+
+
+def test_offline_criteria_scores_tolerances_on_the_suites_normalised_curves(tmp_path, capsys):
+    """--tolerances prints, per run, the checkpoint LAPO's criterion picks at each tolerance
+    with its normalised score from the suite.json above the run folder, and their mean."""
+    import offline_criteria
+    out = tmp_path / "suite_out"
+    runs = {}
+    for variant, curve in (("reach_a", [0.2, 0.6, 0.8]), ("reach_b", [0.4, 0.5, 0.7])):
+        run = out / "runs" / variant / "Exp1" / "multimodal_robot"
+        run.mkdir(parents=True)
+        lines = ["steps,NormalizedScore,test_weighted_action_mse", "500,,0.30", "1000,,0.10", "1500,,0.101"]
+        (run / "progress.csv").write_text("\n".join(lines) + "\n")
+        runs[variant] = {"lapo": {"1": {"folder": str(run), "steps": [500, 1000, 1500], "curve": curve}}}
+    (out / "suite.json").write_text(json.dumps({"runs": runs}))
+    offline_criteria.main(["--from_progress", "--tolerances", "0,0.02",
+                           *(str(out / "runs" / v / "Exp1" / "multimodal_robot") for v in runs)])
+    text = capsys.readouterr().out
+    assert "| reach_a/Exp1 | 1000: 0.60 | 1500: 0.80 |" in text
+    assert "| reach_b/Exp1 | 1000: 0.50 | 1500: 0.70 |" in text
+    assert "| mean | 0.550 | 0.750 |" in text
+
+
 def test_suite_presets_fill_only_what_the_command_line_leaves_out():
     """The screen is LAPO alone, two seeds at 32x32 (at 16x16 the policy cannot imitate the
     kept expert well enough to screen anything); the full preset LAPO and BC, three seeds;
