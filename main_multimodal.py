@@ -199,10 +199,10 @@ def make_evaluator(config, buffer, agent):
             evaluator = simulator.RolloutEvaluator(sim_spec[0], sim_spec[1], config.eval_episodes)
         except (ValueError, TypeError) as exc:
             raise UserError(f"simulator {sim_spec[0]!r}: {exc}") from None
-    if evaluator is not None:
-        criterion = ("NormalizedScore", "max") if evaluator.references else ("AverageReturn", "max")
+    if evaluator is not None:   # (metric, direction, relative tolerance: experiment.next_best)
+        criterion = ("NormalizedScore", "max", 0.0) if evaluator.references else ("AverageReturn", "max", 0.0)
     else:
-        criterion = agent.offline_criterion
+        criterion = (*agent.offline_criterion, agent.offline_criterion_tolerance)
     return evaluator, criterion
 
 
@@ -239,9 +239,11 @@ def train(config, argv, folder, ckpt, ckpt_path, continuing):
         "config": config_lib.to_dict(config), "command": " ".join(["python", "main_multimodal.py"] + list(argv)),
         "dataset": buffer.facts(), "shapes": agent.shapes, "algo": config.algo,
         "best_model_criterion": {"metric": criterion[0], "better": "higher" if criterion[1] == "max" else "lower",
+                                 "tolerance": criterion[2],
                                  "source": "simulator rollouts" if evaluator else "held-out test split"},
         "offline_criterion": {"metric": agent.offline_criterion[0],
-                              "better": "higher" if agent.offline_criterion[1] == "max" else "lower"},
+                              "better": "higher" if agent.offline_criterion[1] == "max" else "lower",
+                              "tolerance": agent.offline_criterion_tolerance},
         "simulator": ({"name": evaluator.name, "config": evaluator.config, "eval_seeds": evaluator.seeds,
                        "reference_returns": evaluator.references} if evaluator else None),
         "torch": torch.__version__, "device": str(device), "data_storage": str(buffer.storage_device),
@@ -350,9 +352,10 @@ def train_loop(agent, config, folder, progress, evaluator, criterion, best, stop
                 progress.write(row)
                 last_row, loss_sums, loss_steps = row, {}, 0
                 value = row.get(criterion[0])
-                if value is not None and np.isfinite(value) and (
-                        best is None or (value > best["value"] if criterion[1] == "max" else value < best["value"])):
-                    best = {"value": float(value), "step": step, "metric": criterion[0]}
+                picked = (experiment.next_best(best, value, step, *criterion)
+                          if value is not None and np.isfinite(value) else None)
+                if picked is not None:
+                    best = picked
                     agent.save("policy_best", folder, extra=checkpoint_extra(best, evaluator), policy_only=True)
                 outputs.write_progress_plot(progress.rows(), os.path.join(folder, "progress.png"), title, best)
                 if tensorboard is not None:

@@ -433,6 +433,7 @@ class MultimodalAgent:
     algo = None
     loss_names = ()
     needs_next_obs = True
+    offline_criterion_tolerance = 0.0   # see MultimodalLatent's
 
     def __init__(self, config=None, joint_dim=16, action_dim=16, image_shape=(84, 84), normalization=None,
                  replay_buffer=None, device=None, **settings):
@@ -1146,6 +1147,11 @@ class MultimodalLatent(MultimodalAgent):
     # seed; elsewhere the two picked within 0.02 of each other. Why not the rows with A > 0:
     # near the expert's value that sign is noise (docs/experiments/2026-12-04.md, 2026-12-07.md).
     offline_criterion = ("test_weighted_action_mse", "min")
+    # A checkpoint whose criterion is within this share of the best so far replaces the pick
+    # (experiment.next_best): the held-out error flattens before the rollouts stop
+    # improving, and among checkpoints it cannot tell apart the later one has been trained
+    # longer. TOLERANCE_PLACEHOLDER
+    offline_criterion_tolerance = 0.0
 
 
 class MultimodalBC(MultimodalAgent):

@@ -249,6 +249,22 @@ def resume_command(argv, exp_id):
 
 
 # --------------------------------------------------------------------------- progress log
+def next_best(best, value, step, metric, direction="min", tolerance=0.0):
+    """policy_best's record after an evaluation at ``step`` whose criterion is ``value``, or
+    None if this checkpoint does not replace the pick. It does when its value is the best so
+    far, or within ``tolerance`` (relative) of the best so far: of the checkpoints a criterion
+    cannot tell apart, the later one, trained longer (see docs/design.md, "Which checkpoint is
+    model_best"). The record: {"value" (this checkpoint's), "step", "metric", "best_value"
+    (the best so far, the reference of the tolerance)}."""
+    sign = 1.0 if direction == "min" else -1.0
+    best_value = None if best is None else best.get("best_value", best["value"])
+    if best_value is None or sign * value < sign * best_value:
+        return {"value": float(value), "step": step, "metric": metric, "best_value": float(value)}
+    if sign * value < sign * best_value + tolerance * abs(best_value):   # tolerance 0: strictly better only
+        return {"value": float(value), "step": step, "metric": metric, "best_value": float(best_value)}
+    return None
+
+
 class ProgressLog:
     """progress.csv: a row per evaluation, appended and flushed row by row.
 

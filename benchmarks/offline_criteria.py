@@ -96,18 +96,13 @@ def main(argv=None):
 
 def pick_within(steps, values, tolerance, direction="min"):
     """The step a criterion picks when, going through the checkpoints in order, one within
-    ``tolerance`` (relative) of the best value so far replaces the pick, and a new best
-    always does: the latest of the checkpoints the criterion cannot tell apart, and the
-    plain best at tolerance 0."""
-    sign = 1 if direction == "min" else -1
-    best_value, picked = None, None
+    ``tolerance`` (relative) of the best value so far replaces the pick, as in training
+    (``experiment.next_best``): the latest of the checkpoints the criterion cannot tell
+    apart, and the plain best at tolerance 0."""
+    best = None
     for step, value in zip(steps, values):
-        value = sign * value
-        if best_value is None or value < best_value:
-            best_value, picked = value, step
-        elif value <= best_value + tolerance * abs(best_value):
-            picked = step
-    return picked
+        best = experiment.next_best(best, value, step, "criterion", direction, tolerance) or best
+    return best["step"]
 
 
 def run_labels(folders):

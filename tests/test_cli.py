@@ -41,6 +41,38 @@ def test_short_run_writes_every_output_with_finite_losses(tmp_path, tiny_dataset
     assert str(folder) in res.stdout
 
 
+def test_next_best_replaces_the_pick_with_a_later_checkpoint_within_the_tolerance():
+    """A new best always replaces the pick; a later checkpoint within the tolerance of the best
+    so far does too, measured from the best value, so a slow drift upwards stops being picked."""
+    from algos.experiment import next_best
+    best = next_best(None, 0.50, 250, "m", "min", 0.02)
+    best = next_best(best, 0.30, 500, "m", "min", 0.02)
+    assert (best["step"], best["best_value"]) == (500, 0.30)
+    best = next_best(best, 0.305, 750, "m", "min", 0.02) or best
+    assert (best["step"], best["value"], best["best_value"]) == (750, 0.305, 0.30)
+    best = next_best(best, 0.31, 1000, "m", "min", 0.02) or best   # 0.31 is 3.3% above 0.30
+    assert best["step"] == 750
+    assert next_best(best, 0.3, 1250, "m", "min", 0.0) is None      # tolerance 0: only a strict improvement
+    assert next_best({"value": 2.0, "step": 1, "metric": "m"}, 1.99, 2, "m", "max", 0.01)["step"] == 2
+
+
+def test_policy_best_is_the_pick_of_the_recorded_criterion(tmp_path, tiny_dataset):
+    """policy_best.pth holds the step that the criterion's rule (params.json's metric and
+    tolerance, experiment.next_best) picks from the values progress.csv recorded."""
+    from algos.experiment import next_best
+    res = train(tmp_path, tiny_dataset, "pick", "--max_timesteps", 12, "--eval_freq", 3, "--save_freq", 12)
+    assert res.returncode == 0, res.stderr
+    folder = tmp_path / "results" / "Exppick" / "multimodal_robot"
+    rule = json.loads((folder / "params.json").read_text())["best_model_criterion"]
+    assert rule["tolerance"] == algos.MultimodalLatent.offline_criterion_tolerance
+    expected = None
+    for row in read_progress(folder):
+        expected = next_best(expected, float(row[rule["metric"]]), int(row["steps"]), rule["metric"], "min",
+                             rule["tolerance"]) or expected
+    recorded = algos.read_checkpoint(str(folder / "policy_best.pth"))["extra"]["best"]
+    assert recorded["step"] == expected["step"]
+
+
 def test_from_checkpoint_in_a_fresh_process_gives_an_action_of_the_files_width(tmp_path):
     data = write_dataset(tmp_path / "d.hdf5", joint_dim=14, action_dim=14, image_shape=(12, 20))
     res = train(tmp_path, data, "w", "--max_timesteps", 4, "--eval_freq", 4)
