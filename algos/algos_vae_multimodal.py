@@ -1147,11 +1147,13 @@ class MultimodalLatent(MultimodalAgent):
     # seed; elsewhere the two picked within 0.02 of each other. Why not the rows with A > 0:
     # near the expert's value that sign is noise (docs/experiments/2026-12-04.md, 2026-12-07.md).
     offline_criterion = ("test_weighted_action_mse", "min")
-    # A checkpoint whose criterion is within this share of the best so far replaces the pick
-    # (experiment.next_best): the held-out error flattens before the rollouts stop
-    # improving, and among checkpoints it cannot tell apart the later one has been trained
-    # longer. TOLERANCE_PLACEHOLDER
-    offline_criterion_tolerance = 0.0
+    # A checkpoint whose criterion is within 5% of the best so far replaces the pick
+    # (experiment.next_best). Why: the held-out error flattens, or creeps up as the heads fit
+    # their training rows, while the rollouts still improve; among checkpoints it cannot
+    # tell apart, the later one has been trained longer. On four dev runs (seed 1, a
+    # checkpoint every 250 steps) the pick scored 0.686 on average against 0.646 at 0, and
+    # no lower on any run (docs/design.md, "Which checkpoint is model_best").
+    offline_criterion_tolerance = 0.05
 
 
 class MultimodalBC(MultimodalAgent):

@@ -16,7 +16,8 @@ paths, the device and the evaluation settings are set, plus --extra for both alg
 and --lapo_extra for LAPO alone), saving a checkpoint every --score_every steps. Training
 does no rollouts by default (--train_eval_episodes 0): model_best (policy_best.pth) is then chosen by
 the algorithm's offline criterion on the held-out episodes (LAPO: test_weighted_action_mse,
-BC: test_action_mse, lower is better), which is all a user with a real robot has.
+the latest checkpoint within 5% of the best value so far; BC: test_action_mse, lower is
+better), which is all a user with a real robot has.
 
 Every checkpoint (model_{step}.pth, all of them kept: --keep_last 0; model_final.pth; model_best,
 the run's policy_best.pth) is then rolled out on
@@ -685,7 +686,9 @@ def write_report(args, argv, steps, variants, per_run, references, failed, timin
     command = shlex.join(["python", "benchmarks/suite.py", *argv])
     extra_text = (f"; --extra {args.extra!r}" if args.extra else "") + (
         f"; --lapo_extra {args.lapo_extra!r}" if args.lapo_extra else "")
-    selection = ("the offline criterion (LAPO test_weighted_action_mse, BC test_action_mse)"
+    from algos.algos_vae_multimodal import MultimodalLatent   # torch: imported by now for the rollouts
+    selection = (f"the offline criterion (LAPO {MultimodalLatent.offline_criterion[0]}, the latest checkpoint within "
+                 f"{MultimodalLatent.offline_criterion_tolerance:.0%} of the best value so far; BC test_action_mse)"
                  if args.train_eval_episodes == 0 else f"{args.train_eval_episodes} rollouts at each evaluation")
     lines = ["# LAPO and BC on the benchmark variants", "",
              f"Command: `{command}`", "",
