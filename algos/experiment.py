@@ -259,10 +259,10 @@ def next_best(best, value, step, metric, direction="min", tolerance=0.0):
     sign = 1.0 if direction == "min" else -1.0
     best_value = None if best is None else best.get("best_value", best["value"])
     if best_value is None or sign * value < sign * best_value:
-        return {"value": float(value), "step": step, "metric": metric, "best_value": float(value)}
-    if sign * value < sign * best_value + tolerance * abs(best_value):   # tolerance 0: strictly better only
-        return {"value": float(value), "step": step, "metric": metric, "best_value": float(best_value)}
-    return None
+        best_value = value
+    elif not sign * value < sign * best_value + tolerance * abs(best_value):   # tolerance 0: strictly better only
+        return None
+    return {"value": float(value), "step": step, "metric": metric, "best_value": float(best_value)}
 
 
 class ProgressLog:

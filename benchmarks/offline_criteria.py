@@ -133,21 +133,17 @@ def suite_normalised(folder):
     """{step: normalised score} of a run that benchmarks/suite.py reported on: the curve its
     suite.json (in a folder above the run) holds for this run folder; {} if there is none.
     Normalised scores compare across variants, so the tolerance table's mean means something."""
-    here = os.path.realpath(folder)
-    parent = os.path.dirname(here)
+    here = parent = os.path.realpath(folder)
     while parent != os.path.dirname(parent):
+        parent = os.path.dirname(parent)
         try:
             with open(os.path.join(parent, "suite.json")) as f:
                 runs = json.load(f)["runs"]
         except (OSError, ValueError, KeyError):
-            parent = os.path.dirname(parent)
             continue
-        for by_algo in runs.values():
-            for by_seed in by_algo.values():
-                for run in by_seed.values():
-                    if os.path.realpath(run.get("folder", "")) == here and None not in run["curve"]:
-                        return dict(zip(run["steps"], run["curve"]))
-        return {}
+        reported = [run for by_algo in runs.values() for by_seed in by_algo.values() for run in by_seed.values()]
+        return next((dict(zip(run["steps"], run["curve"])) for run in reported
+                     if os.path.realpath(run.get("folder", "")) == here and None not in run["curve"]), {})
     return {}
 
 
