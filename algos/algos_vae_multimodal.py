@@ -512,16 +512,22 @@ class MultimodalAgent:
         raise NotImplementedError
 
     # ---- training
-    def _augment(self, images):
-        shift = self.config.image_shift
-        return random_shift(images, shift) if shift > 0 else images
+    def _augment(self, images, joint):
+        """Training observations as the encoder sees them: images shifted (``image_shift``),
+        normalised joints with Gaussian noise (``joint_noise``)."""
+        shift, noise = self.config.image_shift, self.config.joint_noise
+        if shift > 0:
+            images = random_shift(images, shift)
+        if noise > 0:
+            joint = joint + noise * torch.randn_like(joint)
+        return images, joint
 
     def _encode_for_training(self, batch):
         """obs_feature of the batch's (augmented) observations, with ``feature_dropout``:
         the heads learn from a feature with a random share of its units zeroed (the rest
         scaled up), so none of them can rest on a few units; acting never drops any."""
         with self._autocast():
-            obs_feature = self._encode(self._augment(batch.images), batch.joint).float()
+            obs_feature = self._encode(*self._augment(batch.images, batch.joint)).float()
         p = self.config.feature_dropout
         return F.dropout(obs_feature, p) if p > 0 else obs_feature
 
@@ -1017,7 +1023,7 @@ class MultimodalLatent(MultimodalAgent):
     def _train_step(self, batch):
         obs_feature = self._encode_for_training(batch)
         with self._autocast(), torch.no_grad():
-            next_obs_feature = self._encode(self._augment(batch.next_images), batch.next_joint)
+            next_obs_feature = self._encode(*self._augment(batch.next_images, batch.next_joint))
         # The heads meet the encoder here: critic and CVAE losses leave their gradients in
         # feature.grad; one backward pass then carries the sum through the trunks.
         feature = obs_feature.detach().requires_grad_()

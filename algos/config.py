@@ -48,6 +48,10 @@ class TrainConfig:
     image_shift: int = setting(2, "random-shift augmentation of training images, up to this many pixels "
                                   "each way (DrQ; the few kept episodes are imitated without memorising "
                                   "exact pixels; DrQ uses 4 at 84x84; 0: off)", "data")
+    joint_noise: float = setting(0.0, "std of Gaussian noise added to the normalised joint vector of training "
+                                      "observations. Why: joints that barely move in an episode keep its "
+                                      "start's random offset, a tag of the episode that the heads can imitate "
+                                      "from instead of reading the task from the images (0: off)", "data")
 
     # ---- model: the observation encoder
     obs_feature_dim: int = setting(256, "fused observation feature size", "model", positive=True)
@@ -223,10 +227,10 @@ SEED_FIELDS = ("seed",)   # the split of episodes depends on it: fixed on resume
 # of the "run" group (bookkeeping, free to change on resume) that a stored run lacks take this
 # version's defaults.
 SETTINGS_ADDED_SINCE_FORMAT = {"feature_dropout": 0.0, "filter_band": 0.0, "episode_judge": "critic",
-                               "judge_expectile": 0.9, "value_fit": "target_q"}
+                               "judge_expectile": 0.9, "value_fit": "target_q", "joint_noise": 0.0}
 # Settings taken out since then because their measurements lost, with their "off" value: a
 # run made with one off is a run of this version; one made with it on cannot be rebuilt.
-SETTINGS_REMOVED_SINCE_FORMAT = {"filter_margin": 0.0, "kept_share": "positive", "joint_noise": 0.0,
+SETTINGS_REMOVED_SINCE_FORMAT = {"filter_margin": 0.0, "kept_share": "positive",
                                  "encoder_bc_rows": 0, "image_coords": False, "value_return_bound": False,
                                  "critic_only_encoder": False}
 # Choices taken out of a setting that remains, for the same reason: a run made with one cannot
@@ -311,7 +315,8 @@ def problems(config):
                 out.append(f"--{f.name} must be in {interval[0]}0, 1{interval[1]}, got {value}")
         if meta["choices"] and value not in meta["choices"]:
             out.append(f"--{f.name} must be one of {', '.join(meta['choices'])}, got {value!r}")
-    for name in ("weight_temperature", "kl_beta", "filter_band", "eval_episodes", "image_shift", "keep_last"):
+    for name in ("weight_temperature", "kl_beta", "filter_band", "eval_episodes", "image_shift", "joint_noise",
+                 "keep_last"):
         if getattr(config, name) < 0:
             out.append(f"--{name} must be >= 0, got {getattr(config, name)}")
     if config.resume and config.load_model:
