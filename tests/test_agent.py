@@ -387,21 +387,23 @@ def test_model_selection_metric_measures_the_held_out_episodes_the_filter_keeps(
     assert not lapo.episode_kept[torch.as_tensor(buffer.train_episode_ids)].logical_not().any()   # training's untouched
 
 
+@pytest.mark.parametrize("setting", ["feature_dropout", "joint_noise"])
 @pytest.mark.parametrize("algo", ["lapo", "bc"])
-def test_feature_dropout_acts_in_training_steps_only(tiny_dataset, algo):
-    """--feature_dropout changes what a training step learns; acting never drops features
-    (the same observation always gets the same action)."""
+def test_training_regularisers_act_in_training_steps_only(tiny_dataset, algo, setting):
+    """--feature_dropout and --joint_noise change what a training step learns; acting never
+    drops features or jitters joints (the same observation always gets the same action)."""
     agents = {}
-    for p in (0.0, 0.5):
+    for value in (0.0, 0.5):
         torch.manual_seed(0)
-        agents[p] = algos.make_agent(algo=algo, replay_buffer=make_buffer(tiny_dataset), feature_dropout=p, **SMALL)
+        agents[value] = algos.make_agent(algo=algo, replay_buffer=make_buffer(tiny_dataset), **{setting: value},
+                                         **SMALL)
     for agent in agents.values():
-        agent.train(2, 8)   # same initial weights, same batches: only the dropout differs
+        agent.train(2, 8)   # same initial weights, same batches: only the setting differs
     changed = [not torch.equal(a, b) for a, b in zip(agents[0.0].encoder.parameters(), agents[0.5].encoder.parameters())]
     assert any(changed)
-    dropped = agents[0.5]
+    regularised = agents[0.5]
     imgs, joint = raw_observation(np.random.default_rng(3), 5)
-    np.testing.assert_array_equal(dropped.select_action(*imgs, joint), dropped.select_action(*imgs, joint))
+    np.testing.assert_array_equal(regularised.select_action(*imgs, joint), regularised.select_action(*imgs, joint))
 
 
 def test_with_value_folds_each_episode_is_judged_by_a_head_that_never_fitted_it(tiny_dataset):
