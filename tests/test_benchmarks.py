@@ -262,3 +262,22 @@ def test_return_expectiles_counts_each_operators_episodes_above_the_bar(sim_data
     not_hdf5.write_text("not a recording")
     with pytest.raises(SystemExit, match="notes.txt: cannot read it as HDF5"):
         return_expectiles.main(["--data", str(not_hdf5)])
+
+
+def test_joint_tags_reports_the_start_spread_of_each_joint(sim_dataset, capsys):
+    """joint_tags.py: per joint dimension, the spread of the episodes' first rows over the
+    spread of all rows; a dimension that never moves within an episode scores above 1, one
+    that starts alike everywhere (the grippers) 0."""
+    import joint_tags
+    joint_tags.main(["--data", str(sim_dataset)])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith("| dimension")]
+    ratios = [float(cells[2]) for cells in rows]
+    assert len(ratios) == 16 and ratios[7] == ratios[15] == 0.0   # grippers start open
+    assert all(r > 0 for r in ratios[:7] + ratios[8:15])
+    ends = np.array([False, False, True, False, False, True])
+    tagged = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])
+    spread = joint_tags.start_spread(tagged, ends)   # dim 0 moves, dim 1 is the episode's tag
+    assert spread[0] == 0.0 and spread[1] == pytest.approx(1.0)
+    with pytest.raises(SystemExit, match="no 'observations/wrist'"):
+        joint_tags.main(["--data", str(sim_dataset), "--observation", "wrist"])
