@@ -303,6 +303,11 @@ def episode_ends(f):
     return ends
 
 
+def episode_first_rows(ends):
+    """Row index of each episode's first row, from ``episode_ends``' bool [N]."""
+    return np.concatenate([[0], np.flatnonzero(ends)[:-1] + 1])
+
+
 def read_episode_labels(f):
     """{label: list of strings, one per episode} of an open, valid file: the episodes table, else
     the simulator's per-row ``behaviour`` key (as ``operator``); {} when the file has neither."""

@@ -18,14 +18,13 @@ import h5py
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from algos.hdf5_format import episode_ends  # noqa: E402
+from algos.hdf5_format import episode_ends, episode_first_rows  # noqa: E402
 
 
 def start_spread(joint, ends):
     """Per dimension: std over the episodes' first rows / std over all rows (0 where constant)."""
-    starts = np.concatenate([[0], np.flatnonzero(ends)[:-1] + 1])
     overall = joint.std(0)
-    return np.divide(joint[starts].std(0), overall, out=np.zeros_like(overall), where=overall > 0)
+    return np.divide(joint[episode_first_rows(ends)].std(0), overall, out=np.zeros_like(overall), where=overall > 0)
 
 
 def main(argv=None):

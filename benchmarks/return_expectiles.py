@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from algos.hdf5_format import episode_ends, read_episode_labels  # noqa: E402
+from algos.hdf5_format import episode_ends, episode_first_rows, read_episode_labels  # noqa: E402
 from algos.utils_multimodal import discounted_suffix_sums, expectile  # noqa: E402
 
 EXPECTILES = (0.7, 0.9, 0.95, 0.97, 0.99)
@@ -29,7 +29,7 @@ def discounted_returns(f, discount):
     last row, as the default episode filter judges it)."""
     ends = episode_ends(f)
     suffix = discounted_suffix_sums(np.asarray(f["rewards"][:]).reshape(-1), ends, np.zeros_like(ends), discount)
-    return suffix[np.concatenate([[0], np.flatnonzero(ends)[:-1] + 1])]
+    return suffix[episode_first_rows(ends)]
 
 
 def main(argv=None):
